@@ -1,0 +1,13 @@
+"""Approximate posteriors q(z | x) and the ``GUIDES`` registry.
+
+Each entry builds an encoder network ``build(x_dim, z_dim, **options)`` whose
+forward pass returns the parameters of q(z | x).
+"""
+
+from pyrovae.registry import Registry
+
+GUIDES = Registry("guide")
+
+from pyrovae.guides.encoder import DiagNormalEncoder  # noqa: E402
+
+__all__ = ["GUIDES", "DiagNormalEncoder"]

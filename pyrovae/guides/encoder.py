@@ -1,0 +1,37 @@
+"""Amortized Gaussian encoders: networks x -> parameters of q(z | x)."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from pyrovae.guides import GUIDES
+from pyrovae.nn import MLP
+
+
+@GUIDES.register("mlp")
+class DiagNormalEncoder(nn.Module):
+    """q(z | x) = N(z; mu(x), diag sigma(x)^2) with mu, sigma from one MLP.
+
+    The scale goes through a softplus with a small floor, which keeps early
+    training stable without the overflow of ``exp``.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden: Sequence[int] = (400,),
+        activation: str = "softplus",
+        min_scale: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.net = MLP(x_dim, hidden, 2 * z_dim, activation)
+        self.min_scale = min_scale
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loc, raw_scale = self.net(x).chunk(2, dim=-1)
+        return loc, softplus(raw_scale) + self.min_scale

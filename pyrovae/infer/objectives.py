@@ -1,0 +1,68 @@
+"""Objectives by name: Pyro's ELBOs and pyrovae's own, in one registry.
+
+Every entry of ``ELBOS`` is a factory ``make(num_particles, vectorize_particles,
+**options)`` returning an object with Pyro's ELBO interface: ``loss(model,
+guide, *args)`` (a float, the negative ELBO summed over the batch) and
+``loss_and_grads(model, guide, *args)`` (the same, after accumulating gradients
+in every parameter the programs touch). ``fit`` and the benchmark suites need
+nothing more, so any Pyro ELBO and any objective written against that interface
+trains any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pyro.infer as infer
+
+from pyrovae.registry import Registry
+
+ELBOS = Registry("objective")
+
+
+def _pyro_elbo(cls: type, **fixed: Any) -> Callable[..., infer.ELBO]:
+    def make(num_particles: int = 1, vectorize_particles: bool = False, **options: Any):
+        return cls(
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+            **{**fixed, **options},
+        )
+
+    make.__doc__ = f"Pyro's :class:`pyro.infer.{cls.__name__}`."
+    return make
+
+
+for _name in (
+    "Trace_ELBO",
+    "TraceMeanField_ELBO",
+    "TraceGraph_ELBO",
+    "TraceEnum_ELBO",
+    "JitTrace_ELBO",
+    "JitTraceMeanField_ELBO",
+    "JitTraceGraph_ELBO",
+    "JitTraceEnum_ELBO",
+):
+    ELBOS.register(_name)(_pyro_elbo(getattr(infer, _name)))
+
+# Renyi's alpha-divergence bound; alpha = 0 gives an importance-weighted bound
+# over whole traces (see pyrovae.infer.iwae for the per-data-point IWAE).
+ELBOS.register("RenyiELBO")(_pyro_elbo(infer.RenyiELBO))
+
+
+def make_objective(
+    name: str, num_particles: int = 1, vectorize_particles: bool = False, **options: Any
+):
+    """Build the objective registered as ``name``.
+
+    Raises ``ValueError`` naming the known objectives when ``name`` is unknown,
+    and when the options do not fit the objective.
+    """
+    factory = ELBOS.get_checked(name)
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    try:
+        return factory(
+            num_particles=num_particles, vectorize_particles=vectorize_particles, **options
+        )
+    except TypeError as err:
+        raise ValueError(f"bad options for objective {name!r}: {err}") from None

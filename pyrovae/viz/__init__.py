@@ -1,0 +1,12 @@
+"""Figures written to files: image grids, latent plots, curves.
+
+``FIGURES`` maps a model family (its ``MODELS`` name) to a function
+``figures(model, train, test, out_dir) -> list[Path]`` that writes the figures
+specific to that family; ``pyrovae train`` calls it after the generic ones.
+"""
+
+from pyrovae.registry import Registry
+
+FIGURES = Registry("figure set")
+
+__all__ = ["FIGURES"]
