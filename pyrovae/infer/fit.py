@@ -1,0 +1,323 @@
+"""Training: stochastic variational inference over epochs, with checkpoints.
+
+``fit`` runs any objective from :mod:`pyrovae.infer.objectives` (Pyro's ELBOs or
+pyrovae's own) on a model object or on a pair of Pyro callables. Parameters are
+found the way :class:`pyro.infer.SVI` finds them, as ``param`` sites in a trace,
+together with the model object's own ``nn.Module`` parameters, and a plain
+``torch.optim`` optimizer updates them. The result is returned, not printed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import pandas as pd
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pyrovae.data.core import ArrayDataset, as_dataset
+from pyrovae.infer.objectives import make_objective
+
+CHECKPOINT_FORMAT = 1
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "rmsprop": torch.optim.RMSprop,
+}
+HISTORY_COLUMNS = [
+    "epoch", "step", "train_elbo", "test_elbo", "test_recon", "test_kl", "seconds",
+]
+
+
+@dataclass
+class FitConfig:
+    """Everything that decides a training run; stored in every checkpoint."""
+
+    elbo: Any = "Trace_ELBO"  # objective name in ELBOS, or an ELBO object
+    num_particles: int = 1  # samples per data point in each gradient estimate
+    vectorize_particles: bool = False  # draw the particles in one batched pass
+    elbo_options: Dict[str, Any] = field(default_factory=dict)  # extra objective kwargs
+    epochs: int = 10  # passes over the training set
+    max_steps: Optional[int] = None  # stop early after this many steps in total
+    batch_size: int = 128  # data points per step; the last partial batch is dropped
+    lr: float = 1e-3  # learning rate
+    optimizer: str = "adam"  # one of OPTIMIZERS
+    seed: int = 0  # seeds batching and every Pyro draw of the run
+    eval_every: int = 1  # epochs between held-out evaluations (0: never)
+    eval_size: int = 2000  # held-out points used in those evaluations
+    checkpoint_dir: Optional[str] = None  # where checkpoint.pt goes (None: nowhere)
+    resume: bool = False  # continue from checkpoint_dir/checkpoint.pt if present
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_particles >= 1, "num_particles must be >= 1"),
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.eval_size >= 1, "eval_size must be >= 1"),
+            (self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (not self.resume or self.checkpoint_dir, "resume=True needs a checkpoint_dir"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"FitConfig: {message}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["elbo_options"] = dict(self.elbo_options)
+        if not isinstance(d["elbo"], str):
+            d["elbo"] = type(self.elbo).__name__
+        return d
+
+
+@dataclass
+class FitResult:
+    """What a training run leaves: the trained programs and their history."""
+
+    model: Any
+    guide: Callable
+    history: pd.DataFrame
+    config: FitConfig
+    objective: Any
+    checkpoint: Optional[Path] = None
+    steps: int = 0
+
+    @property
+    def final(self) -> pd.Series:
+        return self.history.iloc[-1]
+
+
+def _programs(model: Any, guide: Optional[Callable]) -> Tuple[Callable, Callable]:
+    if guide is not None:
+        if not callable(guide):
+            raise TypeError(f"guide must be callable, got {type(guide).__name__}")
+        fn = model.model if hasattr(model, "model") and not callable(model) else model
+        return fn, guide
+    if hasattr(model, "model") and hasattr(model, "guide"):
+        return model.model, model.guide
+    raise TypeError(
+        "pass a model object with model(x) and guide(x) methods, "
+        "or a Pyro model callable together with guide=..."
+    )
+
+
+def _collect_params(
+    model_obj: Any, model_fn: Callable, guide_fn: Callable, x: torch.Tensor
+) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
+    """Trainable tensors (module parameters plus ``pyro.param`` sites) and the
+    store-only ones by name, which checkpoints save separately."""
+    with torch.no_grad(), poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(guide_fn).get_trace(x)
+        poutine.replay(model_fn, trace=guide_trace)(x)
+    module_params: List[torch.Tensor] = []
+    for obj in (model_obj, guide_fn, model_fn):
+        target = getattr(obj, "__self__", obj)
+        if isinstance(target, nn.Module):
+            module_params += list(target.parameters())
+    seen = {id(p) for p in module_params}
+    params = list(module_params)
+    store_only: Dict[str, torch.Tensor] = {}
+    for name, site in capture.trace.nodes.items():
+        p = site["value"].unconstrained()
+        if id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+            store_only[name] = p
+    params = [p for p in params if p.requires_grad]
+    # Deduplicate modules that appear twice (model_obj and its bound methods).
+    unique: Dict[int, torch.Tensor] = {}
+    for p in params:
+        unique.setdefault(id(p), p)
+    if not unique:
+        raise ValueError(
+            "found no trainable parameters: register modules with pyro.module (or "
+            "LatentModel.register) or use pyro.param inside model/guide"
+        )
+    return list(unique.values()), store_only
+
+
+def _module_of(model_obj: Any) -> Optional[nn.Module]:
+    target = getattr(model_obj, "__self__", model_obj)
+    return target if isinstance(target, nn.Module) else None
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never corrupts the last checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain
+    containers only, so no code in the file ever runs."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a pyrovae checkpoint (format {state.get('format')})")
+    return state
+
+
+def fit(
+    model: Any,
+    train: Union[ArrayDataset, torch.Tensor],
+    test: Union[ArrayDataset, torch.Tensor, None] = None,
+    *,
+    guide: Optional[Callable] = None,
+    config: Optional[FitConfig] = None,
+    **overrides: Any,
+) -> FitResult:
+    """Train ``model`` (and its guide) with SVI.
+
+    Args:
+        model: a model object with ``model(x)`` and ``guide(x)`` methods (for
+            example :class:`pyrovae.VAE`), or a Pyro model callable with
+            ``guide`` given.
+        train: training data, ``ArrayDataset`` or an (N, D) tensor.
+        test: held-out data for the per-epoch held-out ELBO (optional).
+        guide: the guide callable when ``model`` is a bare callable.
+        config: a :class:`FitConfig`; keyword ``overrides`` replace its fields.
+
+    Returns:
+        :class:`FitResult` whose ``history`` has one row per epoch: ``epoch``,
+        ``step``, ``train_elbo`` (mean per data point over the epoch's batches),
+        ``test_elbo``, ``test_recon`` (E_q log p(x | z)), ``test_kl``
+        (E_q log q(z | x) - log p(z)), all in nats per data point, and
+        cumulative training ``seconds`` (evaluation time excluded).
+    """
+    from pyrovae.infer.evaluate import elbo_terms  # evaluate imports fit's helpers
+
+    config = config or FitConfig()
+    if overrides:
+        valid = {f.name for f in fields(FitConfig)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(f"unknown fit options {unknown}; valid: {sorted(valid)}")
+        config = replace(config, **overrides)
+    train = as_dataset(train, "train")
+    test = None if test is None else as_dataset(test, "test")
+    model_fn, guide_fn = _programs(model, guide)
+    if hasattr(model, "check_data"):
+        model.check_data(train.x[:1000] if train.binarize != "dynamic" else train.fixed()[:1000])
+    objective = (
+        make_objective(config.elbo, config.num_particles, config.vectorize_particles,
+                       **config.elbo_options)
+        if isinstance(config.elbo, str)
+        else config.elbo
+    )
+    module = _module_of(model)
+    ckpt_path = None
+    if config.checkpoint_dir:
+        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        ckpt_path = Path(config.checkpoint_dir) / "checkpoint.pt"
+    steps_per_epoch = train.steps_per_epoch(config.batch_size)
+    test_x = None if test is None else test.fixed(seed=config.seed)[: config.eval_size]
+    num_data = getattr(model, "num_data", None)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        gen = torch.Generator(device=train.x.device).manual_seed(config.seed)
+        params, store_only = _collect_params(model, model_fn, guide_fn, train.x[: config.batch_size])
+        optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
+        history: List[Dict[str, Any]] = []
+        epoch, step, seconds = 0, 0, 0.0
+        if config.resume and ckpt_path is not None and ckpt_path.exists():
+            state = load_checkpoint(ckpt_path)
+            if module is not None:
+                module.load_state_dict(state["model_state"])
+            for name, value in state["param_store"].items():
+                if name in store_only:
+                    store_only[name].data.copy_(value)
+            optim.load_state_dict(state["optimizer"])
+            epoch, step, seconds = state["epoch"], state["step"], state["seconds"]
+            history = [dict(zip(state["history"]["columns"], row)) for row in state["history"]["rows"]]
+            torch.set_rng_state(state["torch_rng"])
+            gen.set_state(state["generator_rng"])
+
+        total = config.epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total = min(total, config.max_steps)
+        bar = tqdm(total=total, initial=min(step, total), disable=not config.progress,
+                   desc="fit", unit="step", leave=False)
+        on_step = getattr(objective, "on_step", None)
+        while epoch < config.epochs and step < total:
+            if module is not None:
+                module.train()
+            t0 = time.perf_counter()
+            losses, sizes = [], []
+            for xb in train.batches(config.batch_size, gen):
+                if step >= total:
+                    break
+                if on_step is not None:
+                    on_step(step)
+                loss = objective.loss_and_grads(model_fn, guide_fn, xb)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {loss} at step {step}; lower the learning rate "
+                        f"(now {config.lr}) or check the data for NaN/inf"
+                    )
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                losses.append(loss)
+                sizes.append(num_data or xb.shape[0])
+                step += 1
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(elbo=f"{-loss / sizes[-1]:.2f}")
+            seconds += time.perf_counter() - t0
+            epoch += 1
+            row = {
+                "epoch": epoch, "step": step,
+                "train_elbo": -sum(losses) / max(sum(sizes), 1) if losses else float("nan"),
+                "test_elbo": float("nan"), "test_recon": float("nan"), "test_kl": float("nan"),
+                "seconds": seconds,
+            }
+            last = epoch >= config.epochs or step >= total
+            if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
+                if module is not None:
+                    module.eval()
+                terms = elbo_terms(model_fn, guide_fn, test_x)
+                row.update(test_elbo=terms["elbo"].mean().item(),
+                           test_recon=terms["recon"].mean().item(),
+                           test_kl=terms["kl"].mean().item())
+                bar.set_postfix(elbo=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
+            history.append(row)
+            if ckpt_path is not None:
+                save_checkpoint(ckpt_path, {
+                    "format": CHECKPOINT_FORMAT,
+                    "model_state": module.state_dict() if module is not None else {},
+                    "model_name": type(module).__name__ if module is not None else None,
+                    "model_config": module.config() if hasattr(module, "config") else {},
+                    "param_store": {k: v.detach().clone() for k, v in store_only.items()},
+                    "optimizer": optim.state_dict(),
+                    "epoch": epoch, "step": step, "seconds": seconds,
+                    "history": {"columns": HISTORY_COLUMNS,
+                                "rows": [[r[c] for c in HISTORY_COLUMNS] for r in history]},
+                    "torch_rng": torch.get_rng_state(),
+                    "generator_rng": gen.get_state(),
+                    "config": config.to_dict(),
+                })
+        bar.close()
+    if module is not None:
+        module.eval()
+    return FitResult(
+        model=model, guide=guide_fn, history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
+        config=config, objective=objective, checkpoint=ckpt_path, steps=step,
+    )
