@@ -48,6 +48,7 @@ class FitConfig:
     elbo_options: Dict[str, Any] = field(default_factory=dict)  # extra objective kwargs
     epochs: int = 10  # passes over the training set
     max_steps: Optional[int] = None  # stop early after this many steps in total
+    max_seconds: Optional[float] = None  # stop once training time passes this (wall-clock budget)
     batch_size: int = 128  # data points per step; the last partial batch is dropped
     lr: float = 1e-3  # learning rate
     optimizer: str = "adam"  # one of OPTIMIZERS
@@ -63,6 +64,7 @@ class FitConfig:
             (self.num_particles >= 1, "num_particles must be >= 1"),
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.max_seconds is None or self.max_seconds > 0, "max_seconds must be > 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
@@ -257,7 +259,8 @@ def fit(
         bar = tqdm(total=total, initial=min(step, total), disable=not config.progress,
                    desc="fit", unit="step", leave=False)
         on_step = getattr(objective, "on_step", None)
-        while epoch < config.epochs and step < total:
+        out_of_time = False
+        while epoch < config.epochs and step < total and not out_of_time:
             if module is not None:
                 module.train()
             t0 = time.perf_counter()
@@ -265,6 +268,10 @@ def fit(
             for xb in train.batches(config.batch_size, gen):
                 if step >= total:
                     break
+                if config.max_seconds is not None and step % 10 == 0:
+                    if seconds + time.perf_counter() - t0 > config.max_seconds:
+                        out_of_time = True
+                        break
                 if on_step is not None:
                     on_step(step)
                 loss = objective.loss_and_grads(model_fn, guide_fn, xb)
@@ -289,7 +296,7 @@ def fit(
                 "test_elbo": float("nan"), "test_recon": float("nan"), "test_kl": float("nan"),
                 "seconds": seconds,
             }
-            last = epoch >= config.epochs or step >= total
+            last = epoch >= config.epochs or step >= total or out_of_time
             if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
                 if module is not None:
                     module.eval()
