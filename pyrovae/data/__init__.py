@@ -7,7 +7,9 @@ from typing import Any
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.data.registry import DATASETS
 from pyrovae.data import images  # noqa: F401  (registers the image data sets)
+from pyrovae.data import tabular  # noqa: F401  (registers the tabular data sets)
 from pyrovae.data.images import data_root
+from pyrovae.data.tabular import load_csv
 
 
 def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDataset:
@@ -15,4 +17,4 @@ def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDatase
     return DATASETS.get_checked(name)(split=split, **options)
 
 
-__all__ = ["ArrayDataset", "as_dataset", "DATASETS", "data_root", "load_dataset"]
+__all__ = ["ArrayDataset", "as_dataset", "DATASETS", "data_root", "load_csv", "load_dataset"]
