@@ -9,4 +9,6 @@ from pyrovae.registry import Registry
 
 FIGURES = Registry("figure set")
 
-__all__ = ["FIGURES"]
+from pyrovae.viz import figures, vae  # noqa: E402,F401  (registers figure sets)
+
+__all__ = ["FIGURES", "figures"]

@@ -1,0 +1,5 @@
+import sys
+
+from pyrovae.cli import main
+
+sys.exit(main())

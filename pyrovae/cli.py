@@ -1,0 +1,147 @@
+"""Command line: ``pyrovae train | eval | bench``. Thin: parsing and printing
+only; the work is in :mod:`pyrovae.experiment` and :mod:`pyrovae.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+from pyrovae.infer.objectives import ELBOS
+from pyrovae.models import MODELS
+
+
+def _parse_set(items: List[str]) -> Dict[str, Any]:
+    options: Dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+def _binarize(value: str) -> Optional[str]:
+    return None if value == "none" else value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model, evaluate it, write metrics and figures")
+    p.add_argument("model", help=f"model name: {', '.join(sorted(MODELS))}")
+    p.add_argument("--dataset", default="mnist", help="data set name or path to a .csv file")
+    p.add_argument("--data-root", default=None, help="data folder (default: $PYROVAE_DATA)")
+    p.add_argument("--binarize", type=_binarize, default="dynamic",
+                   choices=["dynamic", "static", None], help="image data: dynamic|static|none")
+    p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
+    p.add_argument("--z-dim", type=int, default=None, help="latent dimension")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes")
+    p.add_argument("--activation", default=None, help="network nonlinearity")
+    p.add_argument("--likelihood", default=None, help="bernoulli | gaussian (VAE)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model option (JSON value), repeatable")
+    p.add_argument("--method", default="svi", choices=["svi", "em"])
+    p.add_argument("--elbo", default="Trace_ELBO", help=f"objective: {', '.join(sorted(ELBOS))}")
+    p.add_argument("--num-particles", type=int, default=1)
+    p.add_argument("--vectorize-particles", action="store_true")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-samples", type=int, default=1000, help="K for the IS log-likelihood")
+    p.add_argument("--eval-points", type=int, default=None, help="evaluate on N test points")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pyrovae.experiment import RunSpec, train_run
+
+    options = _parse_set(args.options)
+    for key in ("hidden", "activation", "likelihood"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    spec = RunSpec(
+        model=args.model, dataset=args.dataset, out=args.out, data_root=args.data_root,
+        binarize=args.binarize, train_size=args.train_size, z_dim=args.z_dim,
+        model_options=options, method=args.method, eval_samples=args.eval_samples,
+        eval_points=args.eval_points, device=args.device,
+        fit=dict(
+            elbo=args.elbo, num_particles=args.num_particles,
+            vectorize_particles=args.vectorize_particles, epochs=args.epochs,
+            max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+            optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress,
+        ),
+    )
+    try:
+        result = train_run(spec, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last completed epoch is saved in {args.out}. "
+              f"Continue with the same command plus --resume.", file=sys.stderr)
+        return 130
+    _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    if len(result.history):
+        print(result.history.tail(5).to_string(index=False))
+    print(result.evaluation.to_frame().T.to_string(header=False))
+    print(f"wrote {result.out}/metrics.csv and {len(result.figures)} figures:")
+    for path in result.figures:
+        print(f"  {path}")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run folder again")
+    p.add_argument("run", help="run folder written by pyrovae train")
+    p.add_argument("--num-samples", type=int, default=None, help="K for the IS log-likelihood")
+    p.add_argument("--eval-points", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pyrovae.experiment import evaluate_run
+
+    _report(evaluate_run(args.run, args.num_samples, args.eval_points, args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyrovae", description=__doc__.split(".")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    try:
+        from pyrovae.bench.command import add_bench_commands
+    except ImportError:
+        pass
+    else:
+        add_bench_commands(sub)
+    return parser
+
+
+HANDLERS = {"train": _train, "eval": _eval}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = HANDLERS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
+        message = err.args[0] if err.args else str(err)
+        print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
