@@ -66,3 +66,8 @@ def make_objective(
         )
     except TypeError as err:
         raise ValueError(f"bad options for objective {name!r}: {err}") from None
+
+
+# pyrovae's own objectives register themselves on import; they import ELBOS
+# from this module, so these imports come after its definition.
+from pyrovae.infer import beta, iwae  # noqa: E402,F401
