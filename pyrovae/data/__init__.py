@@ -8,6 +8,7 @@ from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.data.registry import DATASETS
 from pyrovae.data import images  # noqa: F401  (registers the image data sets)
 from pyrovae.data import tabular  # noqa: F401  (registers the tabular data sets)
+from pyrovae.data import synthetic  # noqa: F401  (registers the synthetic data sets)
 from pyrovae.data.images import data_root
 from pyrovae.data.tabular import load_csv
 
