@@ -9,5 +9,7 @@ from pyrovae.registry import Registry
 GUIDES = Registry("guide")
 
 from pyrovae.guides.encoder import DiagNormalEncoder  # noqa: E402
+from pyrovae.guides.linear import LinearGaussianEncoder  # noqa: E402
+from pyrovae.guides.meanfield import FullRank, MeanField  # noqa: E402
 
-__all__ = ["GUIDES", "DiagNormalEncoder"]
+__all__ = ["GUIDES", "DiagNormalEncoder", "LinearGaussianEncoder", "MeanField", "FullRank"]
