@@ -133,3 +133,125 @@ def synthetic_gmm(
     truth = gmm_truth(K, x_dim, covariance, separation, seed)
     x, z = truth.sample(n, _generator(seed, split))
     return ArrayDataset(x.to(torch.float32).to(device), z.to(device), name="synthetic-gmm")
+
+
+# -- factor analysis and probabilistic PCA -------------------------------------------
+@dataclass
+class LinearGaussianTruth:
+    """Parameters of x = W z + mu + eps, z ~ N(0, I_K), eps ~ N(0, diag(noise)).
+
+    Attributes:
+        loc: mu, shape (D,).
+        weight: W, shape (D, K).
+        noise: the noise variances (diagonal of Psi), shape (D,); all equal
+            for probabilistic PCA.
+    """
+
+    loc: torch.Tensor
+    weight: torch.Tensor
+    noise: torch.Tensor
+
+    def covariance(self) -> torch.Tensor:
+        """The marginal covariance W W^T + Psi, which (unlike W, identified
+        only up to rotation) recovery tests can compare directly."""
+        return self.weight @ self.weight.T + torch.diag(self.noise)
+
+    def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_n) = log N(x_n; mu, W W^T + Psi), shape (N,)."""
+        mvn = torch.distributions.MultivariateNormal(self.loc, self.covariance())
+        return mvn.log_prob(x.to(self.loc.dtype))
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``n`` points and the factors z they were generated from."""
+        d, k = self.weight.shape
+        z = torch.randn(n, k, generator=generator, dtype=self.weight.dtype)
+        eps = torch.randn(n, d, generator=generator, dtype=self.weight.dtype)
+        return z @ self.weight.T + self.loc + eps * self.noise.sqrt(), z
+
+
+def linear_gaussian_truth(
+    x_dim: int = 10,
+    z_dim: int = 3,
+    noise: str = "diagonal",
+    noise_range: Tuple[float, float] = (0.1, 0.5),
+    seed: int = 0,
+) -> LinearGaussianTruth:
+    """Draw factor-analysis (``noise="diagonal"``) or PPCA (``"isotropic"``) parameters.
+
+    Loadings W_dk ~ N(0, 1), means mu_d ~ N(0, 1). Noise variances are
+    uniform on ``noise_range`` per dimension (factor analysis), or one value
+    uniform on that range shared by all dimensions (PPCA). Everything is
+    float64 and depends only on the arguments.
+    """
+    if noise not in ("diagonal", "isotropic"):
+        raise ValueError(f"noise must be 'diagonal' or 'isotropic', got {noise!r}")
+    if not 1 <= z_dim < x_dim:
+        raise ValueError(f"need 1 <= z_dim < x_dim; got z_dim={z_dim}, x_dim={x_dim}")
+    low, high = noise_range
+    if not 0 < low <= high:
+        raise ValueError(f"noise_range must satisfy 0 < low <= high, got {noise_range}")
+    gen = _generator(seed, "params")
+    dtype = torch.float64
+    weight = torch.randn(x_dim, z_dim, generator=gen, dtype=dtype)
+    loc = torch.randn(x_dim, generator=gen, dtype=dtype)
+    u = torch.rand(x_dim if noise == "diagonal" else 1, generator=gen, dtype=dtype)
+    variances = (low + (high - low) * u).expand(x_dim).clone()
+    return LinearGaussianTruth(loc, weight, variances)
+
+
+def _linear_gaussian_split(
+    noise: str, name: str, split: str, n: Optional[int], x_dim: int, z_dim: int,
+    noise_range: Tuple[float, float], seed: int, device: str | torch.device,
+) -> ArrayDataset:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    n = (1000 if split == "train" else 500) if n is None else n
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    truth = linear_gaussian_truth(x_dim, z_dim, noise, tuple(noise_range), seed)
+    x, _ = truth.sample(n, _generator(seed, split))
+    return ArrayDataset(x.to(torch.float32).to(device), name=name)
+
+
+@DATASETS.register("synthetic-fa")
+def synthetic_fa(
+    split: str = "train",
+    root: Optional[str] = None,
+    n: Optional[int] = None,
+    x_dim: int = 10,
+    z_dim: int = 3,
+    noise_range: Tuple[float, float] = (0.1, 0.5),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ArrayDataset:
+    """Points from a factor-analysis model; ``linear_gaussian_truth(x_dim,
+    z_dim, "diagonal", noise_range, seed)`` returns its parameters. Not
+    standardized, so the truth applies as is.
+
+    Args:
+        split: ``"train"`` (default 1000 points) or ``"test"`` (default 500).
+        root: unused (nothing is read from disk).
+        n: number of points in the split.
+    """
+    return _linear_gaussian_split(
+        "diagonal", "synthetic-fa", split, n, x_dim, z_dim, noise_range, seed, device
+    )
+
+
+@DATASETS.register("synthetic-ppca")
+def synthetic_ppca(
+    split: str = "train",
+    root: Optional[str] = None,
+    n: Optional[int] = None,
+    x_dim: int = 10,
+    z_dim: int = 3,
+    noise_range: Tuple[float, float] = (0.1, 0.5),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ArrayDataset:
+    """Points from a probabilistic-PCA model (one noise variance);
+    ``linear_gaussian_truth(x_dim, z_dim, "isotropic", noise_range, seed)``
+    returns its parameters. Same arguments as :func:`synthetic_fa`."""
+    return _linear_gaussian_split(
+        "isotropic", "synthetic-ppca", split, n, x_dim, z_dim, noise_range, seed, device
+    )
