@@ -10,5 +10,6 @@ from pyrovae.registry import Registry
 FIGURES = Registry("figure set")
 
 from pyrovae.viz import figures, vae  # noqa: E402,F401  (registers figure sets)
+from pyrovae.viz import mixture  # noqa: E402,F401  (registers the mixture figure sets)
 
 __all__ = ["FIGURES", "figures"]
