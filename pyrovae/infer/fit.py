@@ -156,6 +156,18 @@ def _module_of(model_obj: Any) -> Optional[nn.Module]:
     return target if isinstance(target, nn.Module) else None
 
 
+def _loss_and_grads(objective: Any, model_fn: Callable, guide_fn: Callable, x: torch.Tensor) -> float:
+    """One gradient evaluation. ``differentiable_loss`` reaches every tensor the
+    programs use; Pyro's ``loss_and_grads`` only runs backward when the trace
+    has ``param`` sites, so it is the fallback for objectives without the former
+    (TraceGraph_ELBO, RenyiELBO)."""
+    if hasattr(objective, "differentiable_loss"):
+        loss = objective.differentiable_loss(model_fn, guide_fn, x)
+        loss.backward()
+        return loss.item()
+    return objective.loss_and_grads(model_fn, guide_fn, x)
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never corrupts the last checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -259,6 +271,7 @@ def fit(
         bar = tqdm(total=total, initial=min(step, total), disable=not config.progress,
                    desc="fit", unit="step", leave=False)
         on_step = getattr(objective, "on_step", None)
+        start_step = step
         out_of_time = False
         while epoch < config.epochs and step < total and not out_of_time:
             if module is not None:
@@ -274,7 +287,13 @@ def fit(
                         break
                 if on_step is not None:
                     on_step(step)
-                loss = objective.loss_and_grads(model_fn, guide_fn, xb)
+                loss = _loss_and_grads(objective, model_fn, guide_fn, xb)
+                if step == start_step and not any(p.grad is not None for p in params):
+                    raise ValueError(
+                        "the objective produced no gradients for the parameters: register "
+                        "networks with pyro.module(name, net) (LatentModel.register) inside "
+                        "model/guide, or use pyro.param"
+                    )
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {loss} at step {step}; lower the learning rate "
