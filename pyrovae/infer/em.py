@@ -29,14 +29,19 @@ log-likelihood never decreases. Noise variances are floored at ``min_noise``
 (a Heywood case drives some psi_d to zero); the floored value is still the
 constrained maximizer of the M-step, so monotonicity holds.
 
-The log-likelihood per data point is computed from S with the matrix
-determinant lemma and Woodbury's identity:
+The log-likelihood per data point is computed from a square root U of S
+(U U^T = S, from its eigendecomposition) with the matrix determinant lemma and
+the same sum-of-squares form as
+:func:`pyrovae.models.linear.linear_gaussian_log_prob`:
 
 .. math::
 
     \\tfrac{1}{N} \\log p(X) = -\\tfrac12 \\big[ D \\log 2\\pi + \\log\\det M
-    + \\textstyle\\sum_d \\log \\psi_d + \\mathrm{tr}(\\Psi^{-1} S)
-    - \\mathrm{tr}(G\\, W^\\top \\Psi^{-1} S \\Psi^{-1} W) \\big].
+    + \\textstyle\\sum_d \\log \\psi_d
+    + \\| \\Psi^{-1/2} (U - W \\beta U) \\|_F^2 + \\| \\beta U \\|_F^2 \\big],
+
+which, unlike tr(Psi^{-1} S) - tr(G W^T Psi^{-1} S Psi^{-1} W), does not
+cancel catastrophically when some psi_d are tiny.
 
 References
 
@@ -78,20 +83,35 @@ class EMResult:
     n_iter: int
 
 
+def covariance_root(cov: torch.Tensor) -> torch.Tensor:
+    """U with U U^T = ``cov`` (symmetric positive semi-definite), from its
+    eigendecomposition; tiny negative eigenvalues from rounding become 0."""
+    evals, evecs = torch.linalg.eigh(cov)
+    return evecs * evals.clamp_min(0.0).sqrt()
+
+
+def log_likelihood_from_root(
+    root: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Mean log-likelihood per data point of N(mu, W W^T + diag(noise)) for data
+    whose second moment about mu is S = ``root @ root.T`` (the sample
+    covariance when mu is the sample mean). A scalar tensor."""
+    d = root.shape[0]
+    w_over_psi = weight / noise.unsqueeze(-1)
+    m = weight.T @ w_over_psi + torch.eye(weight.shape[-1], dtype=root.dtype, device=root.device)
+    chol = torch.linalg.cholesky(m)
+    z_bar = torch.cholesky_solve(w_over_psi.T @ root, chol)  # beta U
+    resid = root - weight @ z_bar
+    quad = (resid.pow(2) / noise.unsqueeze(-1)).sum() + z_bar.pow(2).sum()
+    log_det = 2.0 * torch.diagonal(chol).log().sum() + noise.log().sum()
+    return -0.5 * (d * math.log(2 * math.pi) + log_det + quad)
+
+
 def log_likelihood_from_moments(
     cov: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
-    """Mean log-likelihood per data point of N(mu, W W^T + diag(noise)) for data
-    whose second moment about mu is ``cov`` (the sample covariance when mu is
-    the sample mean). A scalar tensor."""
-    d = cov.shape[-1]
-    w_over_psi = weight / noise.unsqueeze(-1)
-    m = weight.T @ w_over_psi + torch.eye(weight.shape[-1], dtype=cov.dtype, device=cov.device)
-    chol = torch.linalg.cholesky(m)
-    g = torch.cholesky_inverse(chol)
-    log_det = 2.0 * torch.diagonal(chol).log().sum() + noise.log().sum()
-    trace = (torch.diagonal(cov) / noise).sum() - (g * (w_over_psi.T @ cov @ w_over_psi)).sum()
-    return -0.5 * (d * math.log(2 * math.pi) + log_det + trace)
+    """:func:`log_likelihood_from_root` for S = ``cov`` given directly."""
+    return log_likelihood_from_root(covariance_root(cov), weight, noise)
 
 
 def _initial_params(
@@ -177,7 +197,8 @@ def fit_linear_gaussian_em(
         )
     noise = noise.clamp_min(min_noise)
     eye = torch.eye(z_dim, dtype=x.dtype, device=x.device)
-    ll = log_likelihood_from_moments(cov, weight, noise).item()
+    root = covariance_root(cov)
+    ll = log_likelihood_from_root(root, weight, noise).item()
     rows = [{"iteration": 0, "log_likelihood": ll, "change": float("nan")}]
     converged = False
     it = 0
@@ -194,7 +215,7 @@ def fit_linear_gaussian_em(
         if isotropic:
             noise = noise.mean().expand(d)
         noise = noise.clamp_min(min_noise)
-        new_ll = log_likelihood_from_moments(cov, weight, noise).item()
+        new_ll = log_likelihood_from_root(root, weight, noise).item()
         rows.append({"iteration": it, "log_likelihood": new_ll, "change": new_ll - ll})
         done = new_ll - ll < tol
         ll = new_ll

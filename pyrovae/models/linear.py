@@ -94,15 +94,27 @@ def linear_gaussian_log_prob(
 ) -> torch.Tensor:
     """log N(x; loc, W W^T + diag(noise)) per row of ``x``, shape (N,).
 
-    Uses the matrix determinant lemma and Woodbury's identity (module
-    docstring), costing O(N D K + D K^2) with only a K x K Cholesky factor.
+    Uses the matrix determinant lemma for log det C and, for the quadratic
+    form, the identity
+
+    .. math::
+
+        r^\top C^{-1} r = \min_z\, (r - W z)^\top \Psi^{-1} (r - W z) + z^\top z
+        = (r - W \bar z)^\top \Psi^{-1} (r - W \bar z) + \bar z^\top \bar z,
+
+    with r = x - mu and z-bar = E[z | x] the posterior mean. It is a sum of
+    non-negative terms, unlike the textbook Woodbury form
+    r^T Psi^{-1} r - |L^{-1} W^T Psi^{-1} r|^2, which cancels catastrophically
+    when some noise variances are tiny; and since z-bar is a minimizer,
+    rounding errors in it enter only to second order. Cost O(N D K + D K^2),
+    with only a K x K Cholesky factor.
     """
     d = x.shape[-1]
     chol, w_over_psi = _capacitance_cholesky(weight, noise)
     r = x - loc
-    # r^T C^{-1} r = r^T Psi^{-1} r - |L^{-1} W^T Psi^{-1} r|^2
-    proj = torch.linalg.solve_triangular(chol, (r @ w_over_psi).unsqueeze(-1), upper=False).squeeze(-1)
-    maha = (r * r / noise).sum(-1) - proj.pow(2).sum(-1)
+    z_bar = torch.cholesky_solve((r @ w_over_psi).unsqueeze(-1), chol).squeeze(-1)
+    resid = r - z_bar @ weight.T
+    maha = (resid * resid / noise).sum(-1) + z_bar.pow(2).sum(-1)
     log_det = 2.0 * torch.diagonal(chol).log().sum() + noise.log().sum()
     return -0.5 * (d * math.log(2 * math.pi) + log_det + maha)
 
@@ -539,6 +551,17 @@ class BayesianFactorAnalysis(LatentModel):
 
     def guide(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.global_guide(x)
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> "BayesianFactorAnalysis":
+        """Centre the guide on the PCA initialization of factor analysis
+        (:meth:`FactorAnalysis.init_from_data`): random prior-median loadings
+        and a loc far from the data mean otherwise take many steps to leave."""
+        self.check_data(x)
+        fa = FactorAnalysis(self.x_dim, self.z_dim).to(x.dtype).init_from_data(x)
+        p = fa.params()
+        self.global_guide.set_median({"weight": p.weight, "loc": p.loc, "noise": p.noise})
+        return self
 
     @torch.no_grad()
     def posterior_median(self) -> Dict[str, torch.Tensor]:
