@@ -17,7 +17,7 @@ def _parse_set(items: List[str]) -> Dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
         try:
             options[key.replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
@@ -37,6 +37,8 @@ def _add_train(sub) -> None:
     p.add_argument("--binarize", type=_binarize, default="dynamic",
                    choices=["dynamic", "static", None], help="image data: dynamic|static|none")
     p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
+    p.add_argument("--data-opt", dest="data_options", action="append", default=[],
+                   metavar="KEY=VALUE", help="extra data-set option (JSON value), repeatable")
     p.add_argument("--z-dim", type=int, default=None, help="latent dimension")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes")
     p.add_argument("--activation", default=None, help="network nonlinearity")
@@ -71,6 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = RunSpec(
         model=args.model, dataset=args.dataset, out=args.out, data_root=args.data_root,
         binarize=args.binarize, train_size=args.train_size, z_dim=args.z_dim,
+        data_options=_parse_set(args.data_options),
         model_options=options, method=args.method, eval_samples=args.eval_samples,
         eval_points=args.eval_points, device=args.device,
         fit=dict(

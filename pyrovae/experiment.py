@@ -37,6 +37,7 @@ class RunSpec:
     data_root: Optional[str] = None  # data folder (default: $PYROVAE_DATA or the cache)
     binarize: Optional[str] = "dynamic"  # image data: "dynamic", "static" or None
     train_size: Optional[int] = None  # use only the first N training points
+    data_options: Dict[str, Any] = field(default_factory=dict)  # extra loader kwargs
     z_dim: Optional[int] = None  # latent dimension (None: the model's default)
     model_options: Dict[str, Any] = field(default_factory=dict)  # extra model kwargs
     method: str = "svi"  # "svi", or "em" for models with fit_em
@@ -76,13 +77,17 @@ def load_data(spec: RunSpec) -> Tuple[ArrayDataset, ArrayDataset]:
     if spec.dataset.endswith(".csv"):
         from pyrovae.data.tabular import load_csv
 
-        train, test = load_csv(spec.dataset, split="train"), load_csv(spec.dataset, split="test")
+        train = load_csv(spec.dataset, split="train", **spec.data_options)
+        test = load_csv(spec.dataset, split="test", **spec.data_options)
     else:
         loader = DATASETS.get_checked(spec.dataset)
-        options: Dict[str, Any] = {"root": spec.data_root}
+        options: Dict[str, Any] = {"root": spec.data_root, **spec.data_options}
         if spec.dataset in ("mnist", "fashion-mnist", "binarized-mnist"):
             options["binarize"] = spec.binarize
-        train, test = loader(split="train", **options), loader(split="test", **options)
+        try:
+            train, test = loader(split="train", **options), loader(split="test", **options)
+        except TypeError as err:
+            raise ValueError(f"bad options for data set {spec.dataset!r}: {err}") from None
     if spec.train_size is not None:
         train = train.subset(spec.train_size)
     return train.to(spec.device), test.to(spec.device)
