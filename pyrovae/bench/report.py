@@ -35,6 +35,7 @@ TABLE_METRICS = [
     ("test_elbo", "test ELBO"),
     ("test_iwae", "test IS-LL"),
     ("test_exact", "test exact LL"),
+    ("test_predictive", "test predictive LL"),
     ("test_objective", "test objective"),
     ("elbo_gap", "ELBO - exact"),
     ("iwae_gap", "IS-LL - exact"),
@@ -224,6 +225,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend(ax, size: int) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+
+
+def _k_axis(ax, ks: Iterable[Any]) -> None:
+    """Log-scaled K axis with plain tick labels at the K values used."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ticks = sorted({int(k) for k in ks})
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _finite(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Rows where ``column`` is finite (an exact zero-variance gradient has SNR inf)."""
+    return frame[np.isfinite(pd.to_numeric(frame[column], errors="coerce"))]
+
+
 def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -232,26 +256,27 @@ def plot_heldout(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Held-out log-likelihood (exact, else importance-sampled) and ELBO per
     objective, one panel per model, data set and budget; bars are ± 1 sd over seeds."""
     s = _add_labels(summary)
-    if s.empty or not (s["test_elbo_mean"].notna().any() or s["test_exact_mean"].notna().any()
-                       or s["test_iwae_mean"].notna().any()):
+    metrics = ["test_elbo", "test_exact", "test_iwae", "test_predictive"]
+    if s.empty or not any(s[f"{m}_mean"].notna().any() for m in metrics):
         return None
     panels = list(dict.fromkeys(s["panel"] + " | " + s["budget"]))
     fig, axes = _grid_axes(len(panels), width=5.5, height=4.0)
     for ax, panel in zip(axes, panels):
         d = s[(s["panel"] + " | " + s["budget"]) == panel].reset_index(drop=True)
         x = np.arange(len(d))
-        series = [("test_exact", "exact log-lik", "o"), ("test_iwae", "IS log-lik", "D"),
-                  ("test_elbo", "ELBO", "s")]
-        for offset, (metric, name, marker) in zip((-0.2, 0.0, 0.2), series):
+        series = [("test_exact", "exact log-lik", "o"), ("test_predictive", "predictive log-lik", "^"),
+                  ("test_iwae", "IS log-lik", "D"), ("test_elbo", "ELBO", "s")]
+        for offset, (metric, name, marker) in zip((-0.24, -0.08, 0.08, 0.24), series):
             mean, sd = d[f"{metric}_mean"], d[f"{metric}_std"].fillna(0.0)
             if mean.notna().any():
                 ax.errorbar(x + offset, mean, yerr=sd, fmt=marker, capsize=3, label=name)
         ax.set_xticks(x)
         ax.set_xticklabels(d["objective_label"], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("nats per data point (higher is better)")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(_short(panel), fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, 7)
     return _save(fig, path)
 
 
@@ -263,29 +288,53 @@ def _by_k_panels(s: pd.DataFrame, columns: Sequence[str]) -> List[Tuple[str, pd.
 
 
 def plot_snr(summary: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Mean gradient SNR of encoder (solid) and decoder (dashed) parameters
-    against the number of particles K, one line per objective."""
+    """Mean gradient SNR of the encoder (left) and decoder (right) parameters
+    against the number of particles K, one line per objective and one row per
+    model, data set and budget. Infinite SNRs (exact, zero-variance
+    gradients) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     s = _add_labels(summary)
-    panels = _by_k_panels(s, ["grad_encoder_snr", "grad_decoder_snr"]) if not s.empty else []
-    if not panels:
+    if s.empty:
         return None
-    fig, axes = _grid_axes(len(panels))
-    for ax, (panel, d) in zip(axes, panels):
-        for i, (family, g) in enumerate(d.groupby("objective_family", sort=False)):
-            g = g.sort_values("num_particles")
-            color = f"C{i % 10}"
-            for metric, style in (("grad_encoder_snr", "-"), ("grad_decoder_snr", "--")):
-                if g[f"{metric}_mean"].notna().any():
-                    ax.errorbar(g["num_particles"], g[f"{metric}_mean"],
-                                yerr=g[f"{metric}_std"].fillna(0.0), fmt="o" + style, color=color,
-                                capsize=2, label=f"{family} ({'enc' if 'encoder' in metric else 'dec'})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("particles K")
-        ax.set_ylabel("mean gradient SNR")
-        ax.set_title(_short(panel), fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+    columns = ["grad_encoder_snr", "grad_decoder_snr"]
+    rows = []
+    for panel, d in _by_k_panels(s, columns):
+        finite = {c: _finite(d, f"{c}_mean") for c in columns}
+        finite = {c: f[f[f"{c}_mean"] > 0] for c, f in finite.items()}
+        if any(len(f) for f in finite.values()):
+            rows.append((panel, finite))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    for (panel, finite), pair in zip(rows, axes):
+        families = list(dict.fromkeys(pd.concat(list(finite.values()))["objective_family"]))
+        for ax, column in zip(pair, columns):
+            part = "encoder" if "encoder" in column else "decoder"
+            for i, family in enumerate(families):
+                g = finite[column][finite[column]["objective_family"] == family]
+                g = g.sort_values("num_particles")
+                if len(g):
+                    ax.errorbar(g["num_particles"], g[f"{column}_mean"],
+                                yerr=g[f"{column}_std"].fillna(0.0), fmt="o-",
+                                color=f"C{i % 10}", capsize=2, label=family)
+            _k_axis(ax, pd.concat(list(finite.values()))["num_particles"])
+            if ax.get_legend_handles_labels()[0]:
+                ax.set_yscale("log")
+            ax.set_xlabel("particles K")
+            ax.set_ylabel(f"mean {part} gradient SNR")
+            ax.set_title(_short(f"{part}: {panel}", 70), fontsize=8)
+            ax.grid(alpha=0.3, which="both")
+        handles, labels = pair[0].get_legend_handles_labels()
+        more_h, more_l = pair[1].get_legend_handles_labels()
+        for h, lab in zip(more_h, more_l):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+        pair[1].legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
@@ -296,7 +345,7 @@ def plot_bias(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     panels = _by_k_panels(s, ["objective_gap", "elbo_gap"]) if not s.empty else []
     if not panels:
         return None
-    fig, axes = _grid_axes(len(panels))
+    fig, axes = _grid_axes(len(panels), width=8.0)
     for ax, (panel, d) in zip(axes, panels):
         for i, (family, g) in enumerate(d.groupby("objective_family", sort=False)):
             g = g.sort_values("num_particles")
@@ -309,12 +358,13 @@ def plot_bias(summary: pd.DataFrame, path: Path) -> Optional[Path]:
                 ax.plot(g["num_particles"], g["elbo_gap_mean"], "x:", color=color,
                         label=f"{family}: ELBO")
         ax.axhline(0.0, color="k", lw=0.8)
-        ax.set_xscale("log")
+        _k_axis(ax, d["num_particles"])
         ax.set_xlabel("particles K")
         ax.set_ylabel("estimate - exact log-lik (nats)")
         ax.set_title(_short(panel), fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path)
 
 

@@ -46,10 +46,10 @@ METRIC_COLUMNS = [
     "num_samples", "test_exact", "test_exact_se", "test_objective",
     "elbo_gap", "iwae_gap", "objective_gap",
     "grad_encoder_snr", "grad_decoder_snr", "grad_encoder_var", "grad_decoder_var",
-    "grad_draws",
+    "grad_draws", "test_predictive",
 ]
 INFO_COLUMNS = [
-    "status", "error", "notes", "pyrovae_version", "torch_version", "pyro_version",
+    "status", "error", "notes", "threads", "pyrovae_version", "torch_version", "pyro_version",
     "timestamp", "config",
 ]
 RESULT_COLUMNS = CELL_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
@@ -92,14 +92,26 @@ def _versions() -> Dict[str, str]:
     }
 
 
-def _build_model(cell: Cell, x_dim: int) -> Any:
+def _build_model(cell: Cell, x_dim: int, num_data: int) -> Any:
+    from pyrovae.bench.spec import builder_options
     from pyrovae.models import MODELS
 
+    build = MODELS.get_checked(cell.model)
+    options = dict(cell.model_options)
+    accepted, _ = builder_options(build)
+    accepted = accepted or []
+    # Models with global latents scale a mini-batch's likelihood by
+    # num_data / batch size: the training set size is the right value. Models
+    # that draw their own initialisation take the cell's seed.
+    derived = {"num_data": num_data, "seed": cell.seed}
+    for name, value in derived.items():
+        if name in accepted and name not in options:
+            options[name] = value
     # Weight initialisation draws from the global generator; fork it so a
     # cell's seed decides its initial weights without leaking into the caller.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cell.seed)
-        model = MODELS.get_checked(cell.model)(x_dim, **cell.model_options)
+        model = build(x_dim, **options)
     if cell.device != "cpu" and isinstance(model, torch.nn.Module):
         model = model.to(cell.device)
     return model
@@ -131,9 +143,18 @@ def _fit_svi(cell: Cell, model: Any, train: Any) -> Dict[str, Any]:
 
 
 def _fit_em(cell: Cell, model: Any, train: Any) -> Dict[str, Any]:
+    from pyrovae.bench.spec import _signature_options
+
+    fit_em = getattr(model, "fit_em", None)
+    if not callable(fit_em):
+        raise ValueError(f"method 'em' needs a model with a fit_em method; {cell.model!r} has none")
+    accepted, _ = _signature_options(fit_em, ())
+    options = dict(cell.method_options)
+    if (accepted is None or "seed" in accepted) and "seed" not in options:
+        options["seed"] = cell.seed
     x = train.fixed(cell.eval.seed)
     t0 = time.perf_counter()
-    result = model.fit_em(x, **cell.method_options)
+    result = fit_em(x, **options)
     seconds = time.perf_counter() - t0
     steps = int(getattr(result, "n_iter", 0) or 0)
     return {
@@ -144,16 +165,15 @@ def _fit_em(cell: Cell, model: Any, train: Any) -> Dict[str, Any]:
 
 def _sklearn_options(cell: Cell) -> Dict[str, Any]:
     """Map the pyrovae model's options onto its scikit-learn counterpart."""
-    from pyrovae.bench.spec import _signature_options
+    from pyrovae.bench.spec import builder_options
     from pyrovae.models import MODELS
 
-    _, defaults = _signature_options(MODELS[cell.model], skip=("x_dim",))
+    _, defaults = builder_options(MODELS[cell.model])
     opts = {**defaults, **cell.model_options}
     if cell.model in ("fa", "ppca"):
         out = {"n_components": opts.get("z_dim")}
     else:  # gmm
-        k = opts.get("K", opts.get("z_dim"))
-        out = {"n_components": k}
+        out = {"n_components": opts.get("K") or opts.get("z_dim") or 2}
         cov = opts.get("covariance")
         if cov is not None:
             out["covariance_type"] = {"diagonal": "diag"}.get(cov, cov)
@@ -191,7 +211,10 @@ def _objective_value(objective: Any, model: Any, x: torch.Tensor, repeats: int, 
         torch.manual_seed(seed)
         for _ in range(repeats):
             values.append(objective.loss(model.model, model.guide, x))
-    return -sum(values) / len(values) / x.shape[0]
+    # Models with global latents scale the likelihood to num_data points (as
+    # in training), so their bound is per num_data points, not per batch point.
+    per = getattr(model, "num_data", None) or x.shape[0]
+    return -sum(values) / len(values) / per
 
 
 def _gradient_columns(cell: Cell, model: Any, objective: Any, x: torch.Tensor) -> Dict[str, Any]:
@@ -241,6 +264,13 @@ def _score(cell: Cell, model: Any, train: Any, test: Any, objective: Any,
                 row.update(test_exact=lm.mean().item(), n_eval=len(lm),
                            test_exact_se=(lm.std() / math.sqrt(len(lm))).item())
                 row.update(train_exact=log_marginal(train.fixed(ev.seed)[: ev.max_points]).mean().item())
+    log_predictive = getattr(model, "log_predictive", None)
+    if "exact" in metrics and callable(log_predictive) and math.isnan(row.get("test_exact", NAN)):
+        # Bayesian models: the posterior predictive density stands in for the likelihood.
+        gen = torch.Generator(device="cpu").manual_seed(ev.seed)
+        with torch.no_grad():
+            lp = log_predictive(test.fixed(ev.seed)[: ev.max_points], generator=gen)
+        row["test_predictive"] = lp.double().mean().item()
     if "elbo" in metrics and math.isnan(row.get("train_elbo", NAN)):
         row["train_elbo"] = row.get("last_train_elbo", NAN)
     x_eval = test.fixed(ev.seed)[: ev.max_points]
@@ -274,7 +304,7 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
         if cell.method == "sklearn":
             row.update(_run_sklearn(cell, train, test))
         else:
-            model = _build_model(cell, train.dim)
+            model = _build_model(cell, train.dim, len(train))
             if cell.method == "em":
                 row.update(_fit_em(cell, model, train))
             else:
@@ -292,6 +322,7 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
                         ("test_objective", "objective_gap")):
         row[gap] = row.get(metric, NAN) - exact
     row["wall_seconds"] = time.perf_counter() - t0
+    row["threads"] = torch.get_num_threads()
     row["notes"] = " | ".join(notes)
     row["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return {c: row.get(c, NAN) for c in RESULT_COLUMNS}

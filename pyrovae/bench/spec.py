@@ -42,6 +42,7 @@ import inspect
 import itertools
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -348,16 +349,18 @@ def _named(p: _Problems, where: str, entry: Any) -> Tuple[Optional[str], Dict[st
     return None, {}
 
 
-def _signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
-    """Keyword options ``fn`` accepts (None when it takes ``**kwargs``) and their defaults."""
+def _parameters(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any], bool]:
+    """Keyword parameter names of ``fn``, their defaults, and whether it also
+    takes ``**kwargs``; names None when there is no signature to read."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return None, {}
-    names, defaults = [], {}
+        return None, {}, True
+    names, defaults, var_kw = [], {}, False
     for name, param in sig.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
-            return None, defaults
+            var_kw = True
+            continue
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
             continue
         if name in skip or name == "self":
@@ -365,7 +368,35 @@ def _signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List
         names.append(name)
         if param.default is not inspect.Parameter.empty:
             defaults[name] = param.default
-    return names, defaults
+    return names, defaults, var_kw
+
+
+def _signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
+    """Keyword options ``fn`` accepts (None when it takes ``**kwargs``) and their defaults."""
+    names, defaults, var_kw = _parameters(fn, skip)
+    return (None if var_kw else names), defaults
+
+
+def builder_options(build: Callable) -> Tuple[Optional[List[str]], Dict[str, Any]]:
+    """Options a ``MODELS`` entry accepts besides ``x_dim``, and their defaults.
+
+    A builder function that passes ``**options`` on to the class named by its
+    return annotation accepts its own parameters plus that class's; None
+    means the options cannot be known before the model is built.
+    """
+    names, defaults, var_kw = _parameters(build, skip=("x_dim",))
+    if names is None or not var_kw:
+        return names, defaults
+    try:
+        target = typing.get_type_hints(build).get("return")
+    except (NameError, TypeError):
+        return None, defaults
+    if not isinstance(target, type):
+        return None, defaults
+    cls_names, cls_defaults, cls_var_kw = _parameters(target, skip=("x_dim",))
+    if cls_names is None or cls_var_kw:
+        return None, defaults
+    return list(dict.fromkeys(names + cls_names)), {**cls_defaults, **defaults}
 
 
 def _registries():
@@ -473,13 +504,15 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         if mname not in MODELS:
             p.add(f"{mw}.name", f"unknown model {mname!r}; allowed: {_allowed(MODELS)}")
             continue
-        allowed, _ = _signature_options(MODELS[mname], skip=("x_dim",))
+        allowed, _ = builder_options(MODELS[mname])
         if allowed is not None:
             _check_keys(p, mw, options, ["name", *allowed])
         if "sklearn" in methods and mname not in SKLEARN_MODELS:
             p.add(mw, f"method 'sklearn' has no counterpart of model {mname!r}; models "
                   f"with one: {_allowed(SKLEARN_MODELS)}")
-        if "em" in methods and not callable(getattr(MODELS[mname], "fit_em", None)):
+        if ("em" in methods and isinstance(MODELS[mname], type)
+                and not callable(getattr(MODELS[mname], "fit_em", None))):
+            # Builder functions are checked when the model exists, at run time.
             p.add(mw, f"method 'em' needs a model with a fit_em method; {mname!r} has none")
         models.append((mname, options))
 
@@ -491,7 +524,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         guides.append(g)
     if any(g is not None for g in guides):
         for mname, options in models:
-            allowed, _ = _signature_options(MODELS[mname], skip=("x_dim",))
+            allowed, _ = builder_options(MODELS[mname])
             if allowed is not None and "encoder" not in allowed:
                 p.add(f"{where}.guides", f"model {mname!r} takes no encoder option, so its "
                       "guide cannot be chosen; remove guides or use another model")
@@ -656,7 +689,7 @@ def _resolved_guide(model: str, options: Mapping[str, Any], guide: Optional[str]
     if "encoder" in options:
         return str(options["encoder"])
     MODELS = _registries()[0]
-    _, defaults = _signature_options(MODELS[model], skip=("x_dim",))
+    _, defaults = builder_options(MODELS[model])
     return str(defaults.get("encoder", "model"))
 
 
