@@ -304,7 +304,7 @@ class GaussianMixture(_MixtureMethods):
         with torch.no_grad():
             weights, loc, scale = self.mixture.constrained()
             cov = scale.pow(2) if self.covariance == "diag" else scale @ scale.transpose(-1, -2)
-        return MixtureParameters(weights.clone(), loc.clone(), cov, self.covariance)
+            return MixtureParameters(weights.clone(), loc.clone(), cov, self.covariance)
 
     @torch.no_grad()
     def set_parameters(self, params: MixtureParameters, num_data: Optional[int] = None) -> None:
