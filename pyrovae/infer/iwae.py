@@ -37,9 +37,11 @@ Gradient estimators, with normalized weights
     gradient. Unbiased, and its signal-to-noise ratio does not decay with K
     as the standard guide gradient's does [4].
 
-Guide parameters are the param sites of the guide trace (``pyro.param`` and
-``pyro.module``, as :class:`pyro.infer.SVI` finds them); everything else the
-loss touches is a model parameter. :class:`STL_ELBO` is the K-sample ELBO
+Guide parameters, for DReG, are the trainable tensors the guide's samples
+depend on (found by walking the autograd graph, registered or not); everything
+else the loss touches is a model parameter. A parameter that model and guide
+share is treated as a guide parameter, so its model-side gradient gets squared
+weights too: share no parameters between them when using DReG. :class:`STL_ELBO` is the K-sample ELBO
 (mean over particles instead of log-mean-exp) with the STL gradient; it has no
 data-plate restriction.
 
@@ -61,14 +63,16 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, Tuple
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item
+from pyro.poutine.trace_struct import Trace
 from pyro.util import check_if_enumerated, warn_if_nan
 
 from pyrovae.infer.objectives import ELBOS
-from pyrovae.infer.traces import importance_traces, param_tensors, pointwise_log_weights
+from pyrovae.infer.traces import guide_leaves, importance_traces, pointwise_log_weights
 
 ESTIMATORS = ("standard", "stl", "dreg")
 
@@ -131,6 +135,22 @@ class IWAE(ELBO):
         check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
+    def _get_traces(self, model: Callable, guide: Callable, args, kwargs):
+        if self.vectorize_particles or self.num_particles == 1:
+            yield from super()._get_traces(model, guide, args, kwargs)
+            return
+        # Sequential particles must share one minibatch: a subsampled data plate
+        # draws its indices in the first run, and the later runs replay them.
+        recorder = poutine.trace(guide)
+        yield self._get_trace(model, recorder, args, kwargs)
+        subsample = Trace()
+        for name, site in recorder.trace.nodes.items():
+            if site["type"] == "sample" and type(site["fn"]).__name__ == "_Subsample":
+                subsample.nodes[name] = site
+        guide = poutine.replay(guide, trace=subsample)
+        for _ in range(self.num_particles - 1):
+            yield self._get_trace(model, guide, args, kwargs)
+
     def _reduce(self, log_w: torch.Tensor) -> torch.Tensor:
         """(K, N) log-weights -> (N,) per-data-point bound."""
         return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
@@ -147,8 +167,9 @@ class IWAE(ELBO):
             weights = pointwise_log_weights(model_trace, guide_trace, data_plate=self.data_plate)
             rows.append(weights.log_w)
             scale = weights.scale
-            for p in param_tensors(guide_trace):
-                guide_params.setdefault(id(p), p)
+            if self.estimator == "dreg" and torch.is_grad_enabled():
+                for p in guide_leaves(guide_trace):
+                    guide_params.setdefault(id(p), p)
         if len(rows) == 1 and rows[0].dim() == 2:  # one vectorized trace
             log_w = rows[0]
         else:

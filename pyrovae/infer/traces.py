@@ -314,20 +314,39 @@ def sample_log_weights(
     )
 
 
-def param_tensors(trace: Trace) -> List[torch.Tensor]:
-    """The unconstrained tensors behind a trace's param sites, in order, without repeats.
+def autograd_leaves(roots: Iterable[Any]) -> List[torch.Tensor]:
+    """Leaf tensors that require grad and that ``roots`` depend on, in discovery order.
 
-    ``pyro.module`` records each parameter of a module as a param site, so this
-    finds the parameters a model or guide registers, as :class:`pyro.infer.SVI`
-    does.
+    Walks the autograd graph back from each root, so it finds every trainable
+    tensor a computation used, whether or not it was registered with
+    ``pyro.param`` / ``pyro.module`` (Pyro's param store may hold a copy of a
+    non-contiguous module parameter rather than the parameter itself).
     """
-    seen: Dict[int, torch.Tensor] = {}
-    for site in trace.nodes.values():
-        if site["type"] != "param":
+    leaves: Dict[int, torch.Tensor] = {}
+    seen = set()
+    stack = []
+    for root in roots:
+        if isinstance(root, torch.Tensor) and root.requires_grad:
+            if root.grad_fn is None:
+                leaves.setdefault(id(root), root)
+            else:
+                stack.append(root.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
             continue
-        value = site["value"]
-        unconstrained = getattr(value, "unconstrained", None)
-        tensor = unconstrained() if callable(unconstrained) else value
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            seen.setdefault(id(tensor), tensor)
-    return list(seen.values())
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if isinstance(variable, torch.Tensor):
+            leaves.setdefault(id(variable), variable)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(leaves.values())
+
+
+def guide_leaves(guide_trace: Trace) -> List[torch.Tensor]:
+    """Trainable tensors the guide's samples and log-densities depend on."""
+    roots: List[Any] = []
+    for _, site in _sample_sites(guide_trace):
+        roots.append(site["value"])
+        roots.append(site.get("log_prob"))
+    return autograd_leaves(roots)
