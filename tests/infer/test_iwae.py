@@ -331,6 +331,64 @@ def test_path_derivative_guide_gradients_vanish_at_the_exact_posterior():
     assert g["loc"].abs().max() > 1e-2  # the standard estimator is noisy even here
 
 
+def test_path_derivative_keeps_dependence_between_guide_sites():
+    # z1 ~ N(0, 1), z2 | z1 ~ N(z1, 1), x | z2 ~ N(z2, 1). Exact posterior:
+    # z1 | x ~ N(x / 3, 2 / 3), z2 | z1, x ~ N((z1 + x) / 2, 1 / 2). The guide
+    # q(z1) q(z2 | z1) has that form; at the exact values log p(x, z) - log q(z)
+    # is constant in z, so path derivatives vanish only if d log q(z2 | z1) / d z1
+    # is kept (detaching q(z2 | z1)'s parameters would drop it).
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=DTYPE)
+    exact = {"a": x / 3, "log_s1": torch.full_like(x, 0.5 * math.log(2 / 3)),
+             "c": torch.full_like(x, 0.5), "log_s2": torch.full_like(x, 0.5 * math.log(0.5))}
+    params = {k: v.clone().requires_grad_() for k, v in exact.items()}  # not registered
+
+    def model(x):
+        with pyro.plate("data", 3):
+            z1 = pyro.sample("z1", dist.Normal(torch.zeros(3, dtype=DTYPE), 1.0))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
+            pyro.sample("x", dist.Normal(z2, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", 3):
+            z1 = pyro.sample("z1", dist.Normal(params["a"], params["log_s1"].exp()))
+            pyro.sample("z2", dist.Normal(params["c"] * z1 + 0.5 * x, params["log_s2"].exp()))
+
+    for objective in (STL_ELBO(), IWAE(num_particles=4, vectorize_particles=True,
+                                       estimator="dreg")):
+        pyro.set_rng_seed(9)
+        loss = objective.differentiable_loss(model, guide, x)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        assert max(g.abs().max().item() for g in grads) < 1e-12
+    pyro.set_rng_seed(9)
+    grads = torch.autograd.grad(Trace_ELBO().differentiable_loss(model, guide, x),
+                                list(params.values()))
+    assert max(g.abs().max().item() for g in grads) > 1e-2
+
+
+class Unregistered(LinearGaussian):
+    """The same guide with its parameters hidden from Pyro's param store."""
+
+    def guide(self, x):
+        with self._plate(x) as idx:
+            pyro.sample("z", dist.MultivariateNormal(self.encoder.loc[idx],
+                                                     scale_tril=self.encoder.tril[idx],
+                                                     validate_args=False))
+
+
+def test_dreg_finds_guide_parameters_that_are_not_registered():
+    x = _data(6)
+    registered = _build(x)
+    hidden = Unregistered(x, registered.decoder.W, registered.decoder.b,
+                          registered.decoder.log_s.exp(), registered.encoder.loc,
+                          registered.encoder.tril)
+    objective = IWAE(num_particles=5, vectorize_particles=True, max_plate_nesting=1,
+                     estimator="dreg")
+    want = _grads(registered, objective, x, seed=10)
+    got = _grads(hidden, objective, x, seed=10)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
+
+
 # -- gradients: unbiasedness and variance ----------------------------------------------
 def _components(g):
     """(R, C) draws of the guide gradient's non-trivial components."""
@@ -362,7 +420,7 @@ def test_dreg_is_unbiased_with_lower_variance_than_standard_iwae(replicated):
         lg, IWAE(num_particles=k, vectorize_particles=True, estimator="dreg"), x, seed=6))
     assert _paired(dreg, std).max() < 4
     ratio = dreg.var(0) / std.var(0)
-    assert (ratio < 0.5).all(), ratio
+    assert (ratio < 0.2).all(), ratio  # about 0.03-0.08 per component
 
 
 def test_stl_elbo_is_unbiased_with_lower_variance_than_the_reparameterized_elbo(replicated):
@@ -371,7 +429,7 @@ def test_stl_elbo_is_unbiased_with_lower_variance_than_the_reparameterized_elbo(
     stl = _components(_grads(lg, STL_ELBO(), x, seed=7))
     assert _paired(stl, std).max() < 4
     ratio = stl.var(0) / std.var(0)
-    assert (ratio < 0.8).all(), ratio
+    assert (ratio < 0.7).all(), ratio  # about 0.24-0.52 per component
 
 
 def test_stl_for_iwae_with_several_particles_is_biased(replicated):
