@@ -133,6 +133,16 @@ class IWAE(ELBO):
             max_plate_nesting=self.max_plate_nesting, path_derivative=path,
         )
         check_if_enumerated(guide_trace)
+        if torch.is_grad_enabled():
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample" and not site["fn"].has_rsample:
+                    # Without a score-function term the gradient would be silently biased.
+                    raise ValueError(
+                        f"guide site {name!r} ({type(site['fn']).__name__}) is not "
+                        "reparameterizable; IWAE gradients here need reparameterized "
+                        "guide sites (its value, via loss(), works for any guide). Use "
+                        "Trace_ELBO / TraceGraph_ELBO for discrete latents."
+                    )
         return model_trace, guide_trace
 
     def _get_traces(self, model: Callable, guide: Callable, args, kwargs):

@@ -143,8 +143,8 @@ def importance_traces(
                 raise ValueError(
                     f"guide site {name!r} ({type(site['fn']).__name__}) is not "
                     "reparameterizable; path-derivative (STL / DReG) gradients need "
-                    "every guide site to be reparameterized. Use the standard "
-                    "estimator, or Trace_ELBO / TraceGraph_ELBO for discrete latents."
+                    "every guide site to be reparameterized. Use Trace_ELBO / "
+                    "TraceGraph_ELBO for discrete latents."
                 )
         # Replaying the guide with its subsample sites keeps the same minibatch.
         score_trace = poutine.trace(
@@ -224,8 +224,9 @@ def pointwise_log_weights(
 
     The traces come from :func:`importance_traces` (or
     :func:`pyro.infer.enum.get_importance_trace`), with log-probabilities
-    computed. Raises ``ValueError`` for a sample site outside the data plate
-    and for a model latent site the guide does not sample.
+    computed. Raises ``ValueError`` for a sample site outside the data plate,
+    for a model latent site the guide does not sample and for a guide site the
+    model lacks.
     """
     log_joint = log_guide = log_lik = None
     scales = set()
@@ -243,6 +244,12 @@ def pointwise_log_weights(
         if site["is_observed"]:
             log_lik = term if log_lik is None else log_lik + term
     for name, site in _sample_sites(guide_trace):
+        if name not in model_trace.nodes:
+            raise ValueError(
+                f"guide site {name!r} is not in the model: importance weights need "
+                "every guide variable to have a density under the model "
+                "(auxiliary guide variables are not supported)"
+            )
         term, scale = _pointwise(name, site, data_plate, particle_plate)
         scales.add(scale)
         log_guide = term if log_guide is None else log_guide + term
