@@ -60,7 +60,7 @@ References
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
@@ -112,10 +112,11 @@ class _MixtureMethods(LatentModel):
     # -- initialization ------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, seed: Optional[int] = None, n_init: int = 1) -> None:
-        """Set the parameters from k-means++ seeding (refined by k-means when
-        ``init="kmeans"``): of ``n_init`` seedings the one whose parameters give
-        the highest log-likelihood of ``x`` is used. ``seed`` defaults to the
-        constructor's."""
+        """Set the parameters from k-means++ seeding, refined by k-means unless
+        ``init="kmeans++"`` (so also for ``init="random"``, which only skips
+        the automatic initialization): of ``n_init`` seedings the one whose
+        parameters give the highest log-likelihood of ``x`` is used. ``seed``
+        defaults to the constructor's."""
         self.check_data(x)
         if n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {n_init}")
@@ -492,7 +493,7 @@ class BayesianGaussianMixture(_MixtureMethods):
 
     # -- posterior summaries ---------------------------------------------------
     @torch.no_grad()
-    def posterior_means(self) -> dict:
+    def posterior_means(self) -> Dict[str, torch.Tensor]:
         """Posterior means under the guide: ``weights`` (K,), ``loc`` (K, D),
         ``scale`` (K, D); and ``corr`` (K, D, D), the correlation matrix at the
         median of its guide factor (its mean has no closed form)."""
@@ -568,7 +569,7 @@ class BayesianGaussianMixture(_MixtureMethods):
                 total.append(self._log_likelihood_given(x, theta))
         return torch.logsumexp(torch.stack(total), 0) - math.log(num_samples)
 
-    def _log_likelihood_given(self, x: torch.Tensor, theta: dict) -> torch.Tensor:
+    def _log_likelihood_given(self, x: torch.Tensor, theta: Dict[str, torch.Tensor]) -> torch.Tensor:
         loc, scale = theta["loc"], theta["scale"]
         if self.has_corr:
             component = dist.MultivariateNormal(loc, scale_tril=scale.unsqueeze(-1) * theta["corr"])

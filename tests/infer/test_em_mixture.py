@@ -3,6 +3,7 @@ scikit-learn's GaussianMixture on real data, seeding, recovery of a known
 mixture."""
 
 import itertools
+
 import numpy as np
 import pytest
 import torch
