@@ -115,8 +115,10 @@ def gradient_stats(
         on the sign. A component with zero variance and zero mean (a parameter
         the loss does not touch, or a gradient that is exactly zero in every
         draw) has no SNR and is left out of the SNR aggregates; zero variance
-        with a non-zero mean gives an infinite SNR. Parameters' ``.grad``
-        fields are restored afterwards.
+        with a non-zero mean gives an infinite SNR; a gradient that is zero up
+        to rounding (e.g. STL at the exact posterior) gives an SNR of rounding
+        noise, so read ``mean_variance`` there. The measured parameters'
+        ``.grad`` fields are restored afterwards.
     """
     if isinstance(num_draws, bool) or int(num_draws) != num_draws or num_draws < 2:
         raise ValueError(f"num_draws must be an integer >= 2, got {num_draws!r}")
