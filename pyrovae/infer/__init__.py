@@ -3,6 +3,9 @@
 from pyrovae.infer.objectives import ELBOS, make_objective
 from pyrovae.infer.fit import FitConfig, FitResult, fit
 from pyrovae.infer.evaluate import Evaluation, evaluate, log_importance_weights
+from pyrovae.infer.iwae import IWAE, STL_ELBO
+from pyrovae.infer.beta import BetaELBO
+from pyrovae.infer.diagnostics import gradient_stats
 
 __all__ = [
     "ELBOS",
@@ -13,4 +16,8 @@ __all__ = [
     "Evaluation",
     "evaluate",
     "log_importance_weights",
+    "IWAE",
+    "STL_ELBO",
+    "BetaELBO",
+    "gradient_stats",
 ]

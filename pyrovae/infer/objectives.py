@@ -65,8 +65,12 @@ for _name in (
     ELBOS.register(_name)(_pyro_elbo(getattr(infer, _name)))
 ELBOS.register("JitTraceMeanField_ELBO")(_pyro_elbo(JitTraceMeanField_ELBO))
 
-# Renyi's alpha-divergence bound; alpha = 0 gives an importance-weighted bound
-# over whole traces (see pyrovae.infer.iwae for the per-data-point IWAE).
+# Renyi's alpha-divergence bound. With alpha = 0 it is an importance-weighted
+# bound that keeps the plate dimensions shared by every site, so on a full
+# batch with all sites in the data plate it equals the per-data-point IWAE;
+# with a subsampled data plate it scales each log-weight by N/B before the
+# log-mean-exp, and a site outside the data plate makes it a whole-trace bound.
+# pyrovae.infer.iwae.IWAE is correct in all three cases.
 ELBOS.register("RenyiELBO")(_pyro_elbo(infer.RenyiELBO))
 
 
