@@ -52,6 +52,7 @@ import torch
 from pyro.distributions.transforms import biject_to
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.nn.functional import softplus
 
@@ -127,7 +128,8 @@ class _GlobalGuide(nn.Module):
         # guide is being run under (setup may happen inside an ELBO call).
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         sites = []
-        for i, (name, site) in enumerate(trace.iter_stochastic_nodes()):
+        latent = [(n, s) for n, s in trace.iter_stochastic_nodes() if not site_is_subsample(s)]
+        for i, (name, site) in enumerate(latent):
             frames = []
             for frame in site["cond_indep_stack"]:
                 if not frame.vectorized:
@@ -169,10 +171,22 @@ class _GlobalGuide(nn.Module):
     def _finish_setup(self) -> None:
         pass
 
-    def _plates(self, site: _Site) -> ExitStack:
+    def _create_plates(self) -> Dict[str, pyro.plate]:
+        # One plate object per name and call: each pyro.plate records a
+        # subsample site, so a plate shared by several sites is built once
+        # and entered for each of them.
+        plates: Dict[str, pyro.plate] = {}
+        for s in self.sites:
+            for name, size, dim in s.frames:
+                if name not in plates:
+                    plates[name] = pyro.plate(name, size, dim=dim)
+        return plates
+
+    @staticmethod
+    def _enter(plates: Dict[str, pyro.plate], site: _Site) -> ExitStack:
         stack = ExitStack()
-        for name, size, dim in site.frames:
-            stack.enter_context(pyro.plate(name, size, dim=dim))
+        for name, _, _ in site.frames:
+            stack.enter_context(plates[name])
         return stack
 
     def _check_setup(self, *args: Any, **kwargs: Any) -> None:
@@ -270,9 +284,10 @@ class MeanField(_GlobalGuide):
     def forward(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
         self._check_setup(*args, **kwargs)
         pyro.module(self.pyro_name, self)
+        plates = self._create_plates()
         out = {}
         for s in self.sites:
-            with self._plates(s):
+            with self._enter(plates, s):
                 out[s.name] = pyro.sample(s.name, self.distribution(s.name))
         return out
 
@@ -339,6 +354,7 @@ class FullRank(_GlobalGuide):
         self._check_setup(*args, **kwargs)
         pyro.module(self.pyro_name, self)
         latent = pyro.sample(f"_{self.pyro_name}_latent", self.joint(), infer={"is_auxiliary": True})
+        plates = self._create_plates()
         out = {}
         for s, u in self._unpack(latent):
             transform = biject_to(s.support)
@@ -349,7 +365,7 @@ class FullRank(_GlobalGuide):
                 # log q(theta) = log q(u) + log |d u / d theta|
                 log_density = transform.inv.log_abs_det_jacobian(value, u)
                 log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + s.event_dim)
-            with self._plates(s):
+            with self._enter(plates, s):
                 out[s.name] = pyro.sample(
                     s.name, dist.Delta(value, log_density=log_density, event_dim=s.event_dim)
                 )

@@ -89,10 +89,11 @@ def test_full_rank_recovers_the_exact_posterior_covariance():
 def constrained_model(x):
     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
     weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
-    with pyro.plate("components", 3):
+    with pyro.plate("components", 3):  # two sites share this plate
         locs = pyro.sample("locs", dist.Normal(0.0, 2.0))
+        spread = pyro.sample("spread", dist.Gamma(4.0, 4.0))
     with pyro.plate("data", x.shape[0]):
-        mix = dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(locs, scale))
+        mix = dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(locs, scale * spread))
         pyro.sample("x", mix, obs=x)
 
 
@@ -120,7 +121,8 @@ def test_mean_field_density_of_constrained_sites_is_the_change_of_variables():
     assert trace.nodes["locs"]["log_prob"].shape == (3,)
     # real sites use a plain Normal, so TraceMeanField_ELBO can use analytic KL
     assert isinstance(guide.distribution("locs"), dist.Normal)
-    assert set(guide.median()) == {"scale", "weights", "locs"}
+    assert trace.nodes["spread"]["log_prob"].shape == (3,)
+    assert set(guide.median()) == {"scale", "weights", "locs", "spread"}
 
 
 def test_full_rank_density_is_joint_gaussian_plus_log_jacobians():
@@ -134,9 +136,12 @@ def test_full_rank_density_is_joint_gaussian_plus_log_jacobians():
     u = trace.nodes[f"_{guide.pyro_name}_latent"]["value"]
     s, w = trace.nodes["scale"]["value"], trace.nodes["weights"]["value"]
     t = biject_to(dist.constraints.simplex)
-    expected = guide.joint().log_prob(u) - s.log() - t.log_abs_det_jacobian(t.inv(w), w)
+    spread = trace.nodes["spread"]["value"]
+    expected = (
+        guide.joint().log_prob(u) - s.log() - t.log_abs_det_jacobian(t.inv(w), w) - spread.log().sum()
+    )
     torch.testing.assert_close(total, expected)
-    assert u.shape == (1 + 2 + 3,)
+    assert u.shape == (1 + 2 + 3 + 3,)
     assert trace.nodes["locs"]["fn"].batch_shape == (3,)
 
 
