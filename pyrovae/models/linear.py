@@ -41,6 +41,8 @@ References
     analysis", J. R. Statist. Soc. B 61(3), 1999.
 [3] Z. Ghahramani and G. E. Hinton, "The EM algorithm for mixtures of factor
     analyzers", Technical Report CRG-TR-96-1, University of Toronto, 1996.
+[4] H. F. Kaiser, "The varimax criterion for analytic rotation in factor
+    analysis", Psychometrika 23(3), 1958.
 """
 
 from __future__ import annotations
@@ -162,6 +164,41 @@ def ppca_closed_form(x: torch.Tensor, z_dim: int) -> LinearGaussianParams:
     sigma2 = evals[z_dim:].mean().clamp_min(torch.finfo(x.dtype).tiny)
     weight = evecs[:, :z_dim] * (evals[:z_dim] - sigma2).clamp_min(0.0).sqrt()
     return LinearGaussianParams(loc, weight, sigma2.expand(d).clone())
+
+
+def varimax(
+    weight: torch.Tensor, max_iter: int = 500, tol: float = 1e-10
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Varimax rotation of loadings (Kaiser [4]).
+
+    Finds the orthogonal R maximizing the variance of the squared loadings
+    within each factor, which pushes every loading towards 0 or a large
+    magnitude ("simple structure") and makes factors easier to read. The
+    likelihood is unchanged, since (W R)(W R)^T = W W^T. Uses the SVD
+    iteration for the orthomax criterion. Each rotated factor is signed so
+    that its largest loading is positive.
+
+    Returns:
+        ``(weight @ R, R)``.
+    """
+    d, k = weight.shape
+    rot = torch.eye(k, dtype=weight.dtype, device=weight.device)
+    if k == 1:
+        return weight.clone(), rot
+    objective = 0.0
+    for _ in range(max_iter):
+        lam = weight @ rot
+        target = lam.pow(3) - lam * lam.pow(2).mean(0)
+        u, s, vh = torch.linalg.svd(weight.T @ target)
+        rot = u @ vh
+        previous, objective = objective, s.sum().item()
+        if previous and objective < previous * (1 + tol):
+            break
+    rotated = weight @ rot
+    idx = rotated.abs().argmax(0)
+    signs = torch.sign(rotated[idx, torch.arange(k)])
+    signs[signs == 0] = 1
+    return rotated * signs, rot * signs
 
 
 # -- the parameter module ----------------------------------------------------------
@@ -293,6 +330,15 @@ class FactorAnalysis(LatentModel):
     def loadings(self) -> torch.Tensor:
         """W (D x K), detached."""
         return self.decoder.weight.detach()
+
+    def rotated_loadings(self, rotation: Optional[str] = "varimax") -> torch.Tensor:
+        """Loadings after ``rotation`` (``"varimax"`` or ``None``); any
+        orthogonal rotation leaves the likelihood unchanged."""
+        if rotation is None:
+            return self.loadings
+        if rotation != "varimax":
+            raise ValueError(f"rotation must be 'varimax' or None, got {rotation!r}")
+        return varimax(self.loadings)[0]
 
     @property
     def noise_variance(self) -> torch.Tensor:

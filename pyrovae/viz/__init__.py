@@ -11,5 +11,6 @@ FIGURES = Registry("figure set")
 
 from pyrovae.viz import figures, vae  # noqa: E402,F401  (registers figure sets)
 from pyrovae.viz import mixture  # noqa: E402,F401  (registers the mixture figure sets)
+from pyrovae.viz import linear  # noqa: E402,F401  (registers the FA/PPCA figure sets)
 
 __all__ = ["FIGURES", "figures"]

@@ -23,7 +23,7 @@ from pyrovae.guides.linear import LinearGaussianEncoder
 from pyrovae.infer import evaluate, fit
 from pyrovae.infer.evaluate import log_importance_weights
 from pyrovae.models import MODELS, PPCA, BayesianFactorAnalysis, FactorAnalysis
-from pyrovae.models.linear import linear_gaussian_log_prob
+from pyrovae.models.linear import linear_gaussian_log_prob, varimax
 
 F64 = torch.float64
 
@@ -226,6 +226,36 @@ def test_fit_em_writes_parameters_and_a_tight_guide():
     )
     # recovery, up to rotation: compare covariances (sampling error ~ 0.1 here)
     assert (m.params().covariance() - truth.covariance()).abs().max().item() < 0.3
+
+
+def test_varimax_recovers_simple_structure_and_keeps_the_likelihood():
+    gen = torch.Generator().manual_seed(0)
+    simple = torch.zeros(12, 3, dtype=F64)
+    for j in range(3):  # each variable loads on one factor
+        simple[4 * j : 4 * j + 4, j] = 0.6 + 0.3 * torch.rand(4, generator=gen, dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=F64))
+    rotated, rot = varimax(simple @ q)
+    torch.testing.assert_close(rot.T @ rot, torch.eye(3, dtype=F64))
+    torch.testing.assert_close(rotated @ rotated.T, simple @ simple.T)
+    # back to simple structure, up to the order of the factors
+    order = rotated.abs().argmax(1).reshape(3, 4)
+    assert all(len(set(row.tolist())) == 1 for row in order)
+    assert len({row[0].item() for row in order}) == 3
+    torch.testing.assert_close(rotated.abs().max(1).values, simple.max(1).values, rtol=0, atol=1e-6)
+
+
+def test_figures_are_written(tmp_path):
+    from pyrovae.viz import FIGURES
+
+    truth = linear_gaussian_truth(6, 2, seed=0)
+    x, _ = truth.sample(300, torch.Generator().manual_seed(0))
+    m = FactorAnalysis(6, 2)
+    m.fit_em(x.float())
+    paths = FIGURES["fa"](m, x.float(), x.float(), tmp_path)
+    assert {p.name for p in paths} == {"loadings.png", "em_log_likelihood.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+    bfa = BayesianFactorAnalysis(6, 2)
+    assert FIGURES["bayes-fa"](bfa, x, x, tmp_path / "b")[0].exists()
 
 
 # -- SVI --------------------------------------------------------------------------
