@@ -28,58 +28,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import pandas as pd
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.infer.fit import _module_of, _programs
+from pyrovae.infer.traces import guess_max_plate_nesting, sample_log_weights
 
-DATA_PLATE = "data"
 # Upper bound on (particles x data points x data dimension) held at once, which
 # keeps memory bounded for K = 5000 on a full test set.
 ELEMENT_BUDGET = 2**23
-
-
-def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor) -> int:
-    """Deepest plate nesting over the sample sites of model and guide."""
-    with torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    depth = 0
-    for trace in (guide_trace, model_trace):
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized and frame.dim is not None:
-                        depth = max(depth, -frame.dim)
-    return depth
-
-
-def _per_point(site: Dict[str, Any], nesting: int, name: str) -> torch.Tensor:
-    """Reduce a site's log-density to shape (K, N): sum every dimension but the
-    particle dimension and the data plate's."""
-    data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-    if not data_dims:
-        raise ValueError(
-            f"site {name!r} is outside the {DATA_PLATE!r} plate: per-data-point importance "
-            f"weights need every observed site and every latent site of the guide inside "
-            f"pyro.plate({DATA_PLATE!r}, N)"
-        )
-    lp = site["fn"].log_prob(site["value"])
-    if site.get("mask") is not None and site["mask"] is not True:
-        lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
-    ndim = nesting + 1
-    while lp.dim() < ndim:
-        lp = lp.unsqueeze(0)
-    if lp.dim() > ndim:
-        lp = lp.sum(tuple(range(lp.dim() - ndim)))
-    keep = {0, ndim + data_dims[0]}
-    others = [i for i in range(ndim) if i not in keep]
-    if others:
-        lp = lp.sum(others, keepdim=True)
-    return lp.reshape(lp.shape[0], lp.shape[ndim + data_dims[0]])
 
 
 def log_importance_weights(
@@ -94,35 +51,17 @@ def log_importance_weights(
     Returns ``(log_w, log_lik, log_ratio)``, each of shape (K, N):
     ``log_w = log_lik + log_ratio`` with ``log_lik = log p(x_n | z_k)`` and
     ``log_ratio = log p(z_k) - log q(z_k | x_n)``. Latent sites that only the
-    model samples are drawn from their prior, which is then their proposal,
-    so their densities cancel and are left out.
+    model samples (an enumerated mixture assignment, say) are drawn from their
+    prior, which is then their proposal, so their densities cancel and are
+    left out. Every observed site and every latent site of the guide must be
+    inside ``pyro.plate("data", N)``.
     """
-    if nesting is None:
-        nesting = max_plate_nesting(model, guide, x)
-
-    def vectorized(fn: Callable) -> Callable:
-        def wrapped(*args: Any) -> Any:
-            with pyro.plate("_num_samples", num_samples, dim=-(nesting + 1)):
-                return fn(*args)
-
-        return wrapped
-
-    guide_trace = poutine.trace(vectorized(guide)).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(vectorized(model), trace=guide_trace)).get_trace(x)
-    n = x.shape[0]
-    log_lik = x.new_zeros(num_samples, n)
-    log_ratio = x.new_zeros(num_samples, n)
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if site["is_observed"]:
-            log_lik = log_lik + _per_point(site, nesting, name)
-        elif name in guide_trace.nodes:
-            log_ratio = log_ratio + _per_point(site, nesting, name)
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
-            log_ratio = log_ratio - _per_point(site, nesting, name)
-    return log_lik + log_ratio, log_lik, log_ratio
+    weights = sample_log_weights(
+        model, guide, x, num_particles=num_samples, max_plate_nesting=nesting,
+        prior_proposal=True,
+    )
+    log_w = weights.log_w
+    return log_w, weights.log_lik, log_w - weights.log_lik
 
 
 @torch.no_grad()
@@ -135,7 +74,7 @@ def elbo_terms(
 ) -> Dict[str, torch.Tensor]:
     """Per-data-point ELBO, reconstruction term E_q log p(x | z) and KL term
     E_q [log q(z | x) - log p(z)], each of shape (N,)."""
-    nesting = max_plate_nesting(model, guide, x[:2])
+    nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
     parts: Dict[str, list] = {"elbo": [], "recon": [], "kl": []}
     for start in range(0, x.shape[0], batch_size):
         log_w, log_lik, log_ratio = log_importance_weights(
@@ -157,7 +96,7 @@ def importance_log_likelihood(
 ) -> torch.Tensor:
     """Per-data-point importance-sampled log-likelihood (the K-sample IWAE
     bound), computed in chunks of particles so memory stays bounded."""
-    nesting = max_plate_nesting(model, guide, x[:2])
+    nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]

@@ -219,14 +219,20 @@ def pointwise_log_weights(
     *,
     data_plate: str = "data",
     particle_plate: str = PARTICLE_PLATE,
+    prior_proposal: bool = False,
 ) -> PointwiseLogWeights:
     """Per-particle, per-data-point log p(x, z), log q(z | x) and log p(x | z).
 
     The traces come from :func:`importance_traces` (or
     :func:`pyro.infer.enum.get_importance_trace`), with log-probabilities
     computed. Raises ``ValueError`` for a sample site outside the data plate,
-    for a model latent site the guide does not sample and for a guide site the
-    model lacks.
+    for a model latent site the guide does not sample (unless
+    ``prior_proposal``) and for a guide site the model lacks.
+
+    With ``prior_proposal=True`` a model latent site that the guide does not
+    sample was drawn from its prior, which is then its proposal: its density
+    cancels from the weight and is left out. The weights stay unbiased; their
+    gradients would need score-function terms, so objectives keep the default.
     """
     log_joint = log_guide = log_lik = None
     scales = set()
@@ -234,6 +240,8 @@ def pointwise_log_weights(
         if site["infer"].get("_deterministic"):
             continue  # pyro.deterministic records a value with zero log-density
         if not site["is_observed"] and name not in guide_trace.nodes:
+            if prior_proposal:
+                continue
             raise ValueError(
                 f"model latent site {name!r} has no guide site: importance weights "
                 "need the guide to sample every latent variable of the model"
@@ -296,6 +304,7 @@ def sample_log_weights(
     num_particles: int,
     data_plate: str = "data",
     max_plate_nesting: Optional[int] = None,
+    prior_proposal: bool = False,
     **kwargs: Any,
 ) -> PointwiseLogWeights:
     """Draw ``num_particles`` particles per data point in one vectorized pass.
@@ -304,7 +313,8 @@ def sample_log_weights(
     drawn under a particle plate at dim ``-(max_plate_nesting + 1)``, like
     Pyro's ``vectorize_particles``. ``max_plate_nesting`` is guessed by running
     model and guide once when not given. Gradients are kept; wrap the call in
-    ``torch.no_grad()`` for evaluation.
+    ``torch.no_grad()`` for evaluation. ``prior_proposal`` as in
+    :func:`pointwise_log_weights`.
     """
     if int(num_particles) != num_particles or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
@@ -317,7 +327,8 @@ def sample_log_weights(
     )
     # A particle plate of size 1 still has a frame, so the tensors are (K, N) for every K.
     return pointwise_log_weights(
-        model_trace, guide_trace, data_plate=data_plate, particle_plate=PARTICLE_PLATE
+        model_trace, guide_trace, data_plate=data_plate, particle_plate=PARTICLE_PLATE,
+        prior_proposal=prior_proposal,
     )
 
 
