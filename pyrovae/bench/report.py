@@ -12,10 +12,11 @@ per step.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,8 @@ TABLE_METRICS = [
     ("grad_decoder_snr", "dec SNR"),
     ("grad_encoder_var", "enc grad var"),
     ("grad_decoder_var", "dec grad var"),
+    ("grad_init_encoder_snr", "enc SNR at init"),
+    ("grad_init_decoder_snr", "dec SNR at init"),
 ]
 SUMMARY_METRICS = [c for c in METRIC_COLUMNS if c not in ("grad_draws", "num_samples")]
 
@@ -287,11 +290,12 @@ def _by_k_panels(s: pd.DataFrame, columns: Sequence[str]) -> List[Tuple[str, pd.
             for p in dict.fromkeys(s["panel"] + " | " + s["budget"])]
 
 
-def plot_snr(summary: pd.DataFrame, path: Path) -> Optional[Path]:
+def plot_snr(summary: pd.DataFrame, path: Path, prefix: str = "grad") -> Optional[Path]:
     """Mean gradient SNR of the encoder (left) and decoder (right) parameters
     against the number of particles K, one line per objective and one row per
-    model, data set and budget. Infinite SNRs (exact, zero-variance
-    gradients) are left out."""
+    model, data set and budget; ``prefix="grad_init"`` plots the statistics at
+    the initial parameters. Infinite SNRs (exact, zero-variance gradients)
+    are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,7 +304,8 @@ def plot_snr(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     s = _add_labels(summary)
     if s.empty:
         return None
-    columns = ["grad_encoder_snr", "grad_decoder_snr"]
+    columns = [f"{prefix}_encoder_snr", f"{prefix}_decoder_snr"]
+    where = "initial" if prefix == "grad_init" else "trained"
     rows = []
     for panel, d in _by_k_panels(s, columns):
         finite = {c: _finite(d, f"{c}_mean") for c in columns}
@@ -325,7 +330,7 @@ def plot_snr(summary: pd.DataFrame, path: Path) -> Optional[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.set_yscale("log")
             ax.set_xlabel("particles K")
-            ax.set_ylabel(f"mean {part} gradient SNR")
+            ax.set_ylabel(f"mean {part} gradient SNR ({where} parameters)")
             ax.set_title(_short(f"{part}: {panel}", 70), fontsize=8)
             ax.grid(alpha=0.3, which="both")
         handles, labels = pair[0].get_legend_handles_labels()
@@ -392,7 +397,9 @@ def plot_time(summary: pd.DataFrame, path: Path) -> Optional[Path]:
 PLOTS = {
     "heldout.png": (plot_heldout, "Held-out log-likelihood and ELBO per objective"),
     "bias.png": (plot_bias, "Bias against the exact log-likelihood"),
-    "gradient_snr.png": (plot_snr, "Gradient signal-to-noise ratio against K"),
+    "gradient_snr.png": (plot_snr, "Gradient signal-to-noise ratio against K, at the trained parameters"),
+    "gradient_snr_init.png": (functools.partial(plot_snr, prefix="grad_init"),
+                              "Gradient signal-to-noise ratio against K, at the initial parameters"),
     "time_per_step.png": (plot_time, "Time per training step"),
 }
 

@@ -22,9 +22,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pandas as pd
+import pyro
 import torch
 
 from pyrovae.bench.spec import Cell, Suite, _sklearn_class, canonical_json
@@ -47,6 +48,8 @@ METRIC_COLUMNS = [
     "elbo_gap", "iwae_gap", "objective_gap",
     "grad_encoder_snr", "grad_decoder_snr", "grad_encoder_var", "grad_decoder_var",
     "grad_draws", "test_predictive",
+    "grad_init_encoder_snr", "grad_init_decoder_snr", "grad_init_encoder_var",
+    "grad_init_decoder_var",
 ]
 INFO_COLUMNS = [
     "status", "error", "notes", "threads", "pyrovae_version", "torch_version", "pyro_version",
@@ -217,7 +220,8 @@ def _objective_value(objective: Any, model: Any, x: torch.Tensor, repeats: int, 
     return -sum(values) / len(values) / per
 
 
-def _gradient_columns(cell: Cell, model: Any, objective: Any, x: torch.Tensor) -> Dict[str, Any]:
+def _gradient_columns(cell: Cell, model: Any, objective: Any, x: torch.Tensor,
+                      prefix: str = "grad") -> Dict[str, Any]:
     from pyrovae.infer.diagnostics import gradient_stats
 
     frame = gradient_stats(model, None, objective, x, num_draws=cell.eval.grad_draws,
@@ -226,9 +230,26 @@ def _gradient_columns(cell: Cell, model: Any, objective: Any, x: torch.Tensor) -
     for group in ("encoder", "decoder"):
         rows = frame[frame["group"] == group]
         if len(rows):
-            out[f"grad_{group}_snr"] = float(rows["mean_snr"].iloc[0])
-            out[f"grad_{group}_var"] = float(rows["mean_variance"].iloc[0])
+            out[f"{prefix}_{group}_snr"] = float(rows["mean_snr"].iloc[0])
+            out[f"{prefix}_{group}_var"] = float(rows["mean_variance"].iloc[0])
     return out
+
+
+def _initial_gradient_columns(cell: Cell, train: Any, test: Any) -> Dict[str, Any]:
+    """Gradient statistics of the cell's objective at the initial parameters.
+
+    Every cell with the same model and seed starts from the same weights, so
+    these compare estimators at one common point, free of how far each one's
+    training got. A separate, identically seeded instance is used, so the
+    model that is trained never sees the held-out batch.
+    """
+    from pyrovae.infer.objectives import make_objective
+
+    model = _build_model(cell, train.dim, len(train))
+    objective = make_objective(cell.objective, cell.num_particles, cell.vectorize_particles,
+                               **cell.objective_options)
+    x = test.fixed(cell.eval.seed)[: cell.eval.grad_batch]
+    return _gradient_columns(cell, model, objective, x, prefix="grad_init")
 
 
 def _score(cell: Cell, model: Any, train: Any, test: Any, objective: Any,
@@ -297,6 +318,8 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
     row: Dict[str, Any] = {**cell_columns(cell), **_versions(), "status": "ok", "error": "",
                            "config": canonical_json(cell.config())}
     notes: List[str] = []
+    store = pyro.get_param_store()
+    names_before = set(store.keys())
     try:
         train, test = _load_data(cell)
         row.update(n_train=len(train), n_test=len(test))
@@ -308,6 +331,8 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
             if cell.method == "em":
                 row.update(_fit_em(cell, model, train))
             else:
+                if "gradients" in cell.metrics:
+                    row.update(_initial_gradient_columns(cell, train, test))
                 fitted = _fit_svi(cell, model, train)
                 objective = fitted.pop("objective_obj")
                 row.update(fitted)
@@ -316,6 +341,11 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
         if fail_fast:
             raise
         row.update(status="error", error=f"{type(err).__name__}: {err}")
+    finally:
+        # The global param store only holds references to this cell's
+        # modules; dropping them lets a worker running many cells free them.
+        for name in set(store.keys()) - names_before:
+            del store[name]
     row.pop("last_train_elbo", None)
     exact = row.get("test_exact", NAN)
     for metric, gap in (("test_elbo", "elbo_gap"), ("test_iwae", "iwae_gap"),
@@ -417,7 +447,8 @@ def load_results(path: Union[str, Path]) -> pd.DataFrame:
         path = path / RESULTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no benchmark results at {path}")
-    text_columns = [c for c in CELL_COLUMNS + INFO_COLUMNS if c not in ("num_particles", "seed")]
+    text_columns = [c for c in CELL_COLUMNS + INFO_COLUMNS
+                    if c not in ("num_particles", "seed", "threads")]
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):  # a row cut off by a kill is not a result
         data = data[: data.rfind(b"\n") + 1]
@@ -551,6 +582,7 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
     )
     pending: Dict[Future, Cell] = {}
     queue = list(todo)
+    finished_normally = False
     try:
         # Submit only as many cells as there are workers (plus one each), so a
         # stopped suite leaves few started-but-unrecorded cells behind.
@@ -562,5 +594,11 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
             for fut in finished:
                 pending.pop(fut)
                 record(fut.result())
+        finished_normally = True
     finally:
-        pool.shutdown(wait=not pending, cancel_futures=True)
+        if not finished_normally:
+            # Interrupted (Ctrl-C, an error in the parent): stop the cells in
+            # flight now rather than let them run on with nobody to record them.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+        pool.shutdown(wait=finished_normally, cancel_futures=True)
