@@ -9,24 +9,35 @@ from pyrovae.guides import GUIDES
 from pyrovae.infer import ELBOS, Evaluation, FitConfig, FitResult, evaluate, fit, make_objective
 from pyrovae.models import MODELS, VAE, LatentModel
 from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture
+from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis
+from pyrovae.guides.meanfield import FullRank, MeanField
+from pyrovae.infer.em import EMResult
+from pyrovae.infer.posterior import to_inference_data
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArrayDataset",
+    "BayesianFactorAnalysis",
     "BayesianGaussianMixture",
     "DATASETS",
     "ELBOS",
+    "EMResult",
     "Evaluation",
+    "FactorAnalysis",
     "FitConfig",
     "FitResult",
+    "FullRank",
     "GUIDES",
     "GaussianMixture",
     "LatentModel",
     "MODELS",
+    "MeanField",
+    "PPCA",
     "VAE",
     "evaluate",
     "fit",
     "load_dataset",
     "make_objective",
+    "to_inference_data",
 ]
