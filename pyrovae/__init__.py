@@ -13,6 +13,7 @@ from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis
 from pyrovae.guides.meanfield import FullRank, MeanField
 from pyrovae.infer.em import EMResult
 from pyrovae.infer.posterior import to_inference_data
+from pyrovae.bench import compare_results, load_suite, run_suite
 
 __version__ = "0.1.0"
 
@@ -35,9 +36,12 @@ __all__ = [
     "MeanField",
     "PPCA",
     "VAE",
+    "compare_results",
     "evaluate",
     "fit",
     "load_dataset",
+    "load_suite",
     "make_objective",
+    "run_suite",
     "to_inference_data",
 ]
