@@ -46,7 +46,8 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="extra model option (JSON value), repeatable")
     p.add_argument("--method", default="svi", choices=["svi", "em"])
-    p.add_argument("--elbo", default="Trace_ELBO", help=f"objective: {', '.join(sorted(ELBOS))}")
+    p.add_argument("--elbo", default=None,
+                   help=f"objective (default: the model's, else Trace_ELBO): {', '.join(sorted(ELBOS))}")
     p.add_argument("--num-particles", type=int, default=1)
     p.add_argument("--vectorize-particles", action="store_true")
     p.add_argument("--epochs", type=int, default=10)
@@ -77,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         model_options=options, method=args.method, eval_samples=args.eval_samples,
         eval_points=args.eval_points, device=args.device,
         fit=dict(
-            elbo=args.elbo, num_particles=args.num_particles,
+            **({} if args.elbo is None else {"elbo": args.elbo}), num_particles=args.num_particles,
             vectorize_particles=args.vectorize_particles, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress,

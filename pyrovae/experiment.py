@@ -58,8 +58,9 @@ class RunSpec:
         if unknown:
             raise ValueError(f"unknown fit options {unknown}; valid: {sorted(valid)}")
 
-    def fit_config(self, resume: bool = False) -> FitConfig:
-        return FitConfig(**{**self.fit, "checkpoint_dir": self.out, "resume": resume})
+    def fit_config(self, resume: bool = False, default_elbo: str = "Trace_ELBO") -> FitConfig:
+        return FitConfig(**{"elbo": default_elbo, **self.fit, "checkpoint_dir": self.out,
+                            "resume": resume})
 
 
 @dataclass
@@ -141,7 +142,10 @@ def train_run(spec: RunSpec, resume: bool = False) -> RunResult:
             "config": {"method": "em"}, "epoch": 0, "step": len(history),
         })
     else:
-        result = fit(model, train, test, config=spec.fit_config(resume=resume))
+        # Models may name the objective that suits them (an enumerating one
+        # for discrete latents); --elbo overrides it.
+        default = getattr(model, "default_elbo", "Trace_ELBO")
+        result = fit(model, train, test, config=spec.fit_config(resume, default))
         history = result.history
     history.to_csv(out / "history.csv", index=False)
     evaluation = evaluate(model, test, num_samples=spec.eval_samples, max_points=spec.eval_points,

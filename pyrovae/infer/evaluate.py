@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pandas as pd
+import pyro.poutine as poutine
 import torch
+from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.infer.fit import _module_of, _programs
@@ -56,12 +60,27 @@ def log_importance_weights(
     left out. Every observed site and every latent site of the guide must be
     inside ``pyro.plate("data", N)``.
     """
-    weights = sample_log_weights(
-        model, guide, x, num_particles=num_samples, max_plate_nesting=nesting,
-        prior_proposal=True,
-    )
+    with warnings.catch_warnings():
+        # Pyro warns about model-only sites; here they are the prior proposal.
+        warnings.filterwarnings("ignore", message="Found vars in model but not guide")
+        weights = sample_log_weights(
+            model, guide, x, num_particles=num_samples, max_plate_nesting=nesting,
+            prior_proposal=True,
+        )
     log_w = weights.log_w
     return log_w, weights.log_lik, log_w - weights.log_lik
+
+
+def global_latent_sites(model: Callable, guide: Callable, x: torch.Tensor) -> List[str]:
+    """Names of the guide's latent sites outside the ``"data"`` plate: global
+    variables, such as the weights of a Bayesian model, shared by all points."""
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(guide).get_trace(x)
+    return [
+        name for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        and not any(f.name == "data" for f in site["cond_indep_stack"])
+    ]
 
 
 @torch.no_grad()
@@ -71,9 +90,20 @@ def elbo_terms(
     x: torch.Tensor,
     num_particles: int = 1,
     batch_size: int = 500,
+    num_data: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-data-point ELBO, reconstruction term E_q log p(x | z) and KL term
-    E_q [log q(z | x) - log p(z)], each of shape (N,)."""
+    E_q [log q(z | x) - log p(z)], each of shape (N,).
+
+    With global latent variables the ELBO does not split over data points:
+    then ``elbo`` holds one value, the whole-batch ELBO divided by ``num_data``
+    (the size the model's data plate scales to) or by N, and the two terms are
+    NaN.
+    """
+    if global_latent_sites(model, guide, x[:2]):
+        loss = Trace_ELBO(num_particles=num_particles).loss(model, guide, x)
+        nan = x.new_full((1,), math.nan)
+        return {"elbo": x.new_full((1,), -loss / (num_data or x.shape[0])), "recon": nan, "kl": nan}
     nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
     parts: Dict[str, list] = {"elbo": [], "recon": [], "kl": []}
     for start in range(0, x.shape[0], batch_size):
@@ -121,7 +151,8 @@ class Evaluation:
     elbo_se: float  # its standard error over data points
     recon: float  # E_q log p(x | z)
     kl: float  # E_q log q(z | x) - log p(z)
-    iwae: float  # importance-sampled log-likelihood with num_samples draws (NaN if skipped)
+    iwae: float  # importance-sampled log-likelihood with num_samples draws (NaN if skipped);
+    # for models with global latents, the posterior predictive log-density
     iwae_se: float
     num_samples: int
     exact: float  # exact log-likelihood (NaN when the model has no log_marginal)
@@ -183,10 +214,17 @@ def evaluate(
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        terms = elbo_terms(model_fn, guide_fn, x, elbo_particles)
+        is_global = bool(global_latent_sites(model_fn, guide_fn, x[:2]))
+        terms = elbo_terms(model_fn, guide_fn, x, elbo_particles,
+                           num_data=getattr(model, "num_data", None))
         elbo, elbo_se = _mean_se(terms["elbo"])
         iwae, iwae_se = float("nan"), float("nan")
-        if num_samples > 0:
+        predictive = getattr(model, "log_predictive", None)
+        if is_global and callable(predictive) and num_samples > 0:
+            # Global latents: the held-out density is the posterior predictive
+            # (1/S) sum_s p(x | theta_s), theta_s ~ q, per data point.
+            iwae, iwae_se = _mean_se(predictive(x, num_samples=num_samples))
+        elif num_samples > 0 and not is_global:
             iwae, iwae_se = _mean_se(
                 importance_log_likelihood(model_fn, guide_fn, x, num_samples, batch_size)
             )
@@ -200,6 +238,8 @@ def evaluate(
             recon_error = (reconstruct(x) - x).pow(2).sum(-1).mean().item()
     if not math.isnan(exact):
         ll, ll_se, method = exact, exact_se, "exact"
+    elif is_global:
+        ll, ll_se, method = iwae, iwae_se, f"posterior predictive (S={num_samples})"
     else:
         ll, ll_se, method = iwae, iwae_se, f"importance (K={num_samples})"
     return Evaluation(

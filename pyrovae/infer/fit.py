@@ -319,10 +319,8 @@ def fit(
             if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
                 if module is not None:
                     module.eval()
-                terms = elbo_terms(model_fn, guide_fn, test_x)
-                row.update(test_elbo=terms["elbo"].mean().item(),
-                           test_recon=terms["recon"].mean().item(),
-                           test_kl=terms["kl"].mean().item())
+                terms = elbo_terms(model_fn, guide_fn, test_x, num_data=num_data)
+                row.update({f"test_{k}": v.mean().item() for k, v in terms.items()})
                 bar.set_postfix(elbo=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
             history.append(row)
             if ckpt_path is not None:
