@@ -61,7 +61,9 @@ def test_console_entry_point_runs():
         (["gmm", "--dataset", "faithful", "--z-dim", "2", "--method", "em"], "exact", "components.png"),
         (["bayes-gmm", "--dataset", "faithful", "--z-dim", "2", "--epochs", "30",
           "--elbo", "TraceMeanField_ELBO"], "posterior predictive", "components.png"),
-        (["fa", "--dataset", "bfi", "--z-dim", "5", "--method", "em"], "exact", None),
+        (["fa", "--dataset", "bfi", "--z-dim", "5", "--method", "em"], "exact", "loadings.png"),
+        (["bayes-fa", "--dataset", "bfi", "--z-dim", "3", "--epochs", "5"], "posterior predictive",
+         "loadings.png"),
     ],
 )
 def test_classical_models_train_from_the_command_line(tmp_path, argv, method, figure):

@@ -80,10 +80,17 @@ def dataset_label(row: pd.Series) -> str:
     return f"{row['dataset']}({inner})" if inner else str(row["dataset"])
 
 
+# Objective options that change how a bound is computed, not which one.
+UNLABELLED_OPTIONS = ("max_plate_nesting",)
+
+
 def objective_label(row: pd.Series, with_k: bool = True) -> str:
     if row["method"] != "svi":
         return {"em": "EM", "sklearn": "scikit-learn"}.get(row["method"], row["method"])
-    text = _options_text(row["objective_options"])
+    options = json.loads(row["objective_options"] or "{}")
+    for key in UNLABELLED_OPTIONS:
+        options.pop(key, None)
+    text = _options_text(json.dumps(options))
     name = f"{row['objective']}({text})" if text else str(row["objective"])
     return f"{name} K={int(row['num_particles'])}" if with_k else name
 
@@ -330,8 +337,11 @@ def plot_snr(summary: pd.DataFrame, path: Path, prefix: str = "grad") -> Optiona
             if ax.get_legend_handles_labels()[0]:
                 ax.set_yscale("log")
             ax.set_xlabel("particles K")
-            ax.set_ylabel(f"mean {part} gradient SNR ({where} parameters)")
-            ax.set_title(_short(f"{part}: {panel}", 70), fontsize=8)
+            ax.set_ylabel(f"mean {part} gradient SNR")
+            if not ax.get_legend_handles_labels()[0]:
+                ax.text(0.5, 0.5, f"no {part} parameters", ha="center", va="center",
+                        transform=ax.transAxes)
+            ax.set_title(_short(f"{part}, {where} parameters: {panel}", 75), fontsize=8)
             ax.grid(alpha=0.3, which="both")
         handles, labels = pair[0].get_legend_handles_labels()
         more_h, more_l = pair[1].get_legend_handles_labels()

@@ -8,8 +8,8 @@ from pyrovae.registry import Registry
 
 GUIDES = Registry("guide")
 
-from pyrovae.guides.encoder import DiagNormalEncoder  # noqa: E402
+from pyrovae.guides.encoder import DiagNormalEncoder, encoder_distribution  # noqa: E402
 from pyrovae.guides.linear import LinearGaussianEncoder  # noqa: E402
 from pyrovae.guides.meanfield import FullRank, MeanField  # noqa: E402
 
-__all__ = ["GUIDES", "DiagNormalEncoder", "LinearGaussianEncoder", "MeanField", "FullRank"]
+__all__ = ["GUIDES", "DiagNormalEncoder", "encoder_distribution", "LinearGaussianEncoder", "MeanField", "FullRank"]

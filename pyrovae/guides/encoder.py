@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn.functional import softplus
@@ -35,3 +36,13 @@ class DiagNormalEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         loc, raw_scale = self.net(x).chunk(2, dim=-1)
         return loc, softplus(raw_scale) + self.min_scale
+
+
+def encoder_distribution(encoder: nn.Module, x: torch.Tensor) -> dist.Distribution:
+    """q(z | x) from an encoder's output: a full-covariance Normal when the
+    encoder's ``scale_kind`` is ``"tril"`` (its second output is a Cholesky
+    factor), a diagonal Normal otherwise. Event dimension 1 either way."""
+    loc, scale = encoder(x)
+    if getattr(encoder, "scale_kind", "diag") == "tril":
+        return dist.MultivariateNormal(loc, scale_tril=scale)
+    return dist.Normal(loc, scale).to_event(1)

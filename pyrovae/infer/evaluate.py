@@ -32,11 +32,16 @@ import pandas as pd
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.infer.fit import _module_of, _programs
-from pyrovae.infer.traces import guess_max_plate_nesting, sample_log_weights
+from pyrovae.infer.traces import (
+    PARTICLE_PLATE,
+    pointwise_log_prob,
+    guess_max_plate_nesting,
+    sample_log_weights,
+)
 
 # Upper bound on (particles x data points x data dimension) held at once, which
 # keeps memory bounded for K = 5000 on a full test set.
@@ -114,6 +119,32 @@ def elbo_terms(
         parts["recon"].append(log_lik.mean(0))
         parts["kl"].append(-log_ratio.mean(0))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def posterior_predictive_log_density(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int = 100
+) -> torch.Tensor:
+    """Per-data-point log (1/S) sum_s p(x_n | theta_s) with theta_s ~ q, for
+    models whose guide samples global variables theta, shape (N,).
+
+    Observed sites must be inside the ``"data"`` plate. Local latent variables
+    that only the model samples are drawn from their prior, so each term is an
+    unbiased one-draw estimate of p(x_n | theta_s).
+    """
+    draws = []
+    for _ in range(num_samples):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = prune_subsample_sites(
+            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        )
+        model_trace.compute_log_prob()
+        total = x.new_zeros(x.shape[0])
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                total = total + pointwise_log_prob(name, site, "data", PARTICLE_PLATE)[0]
+        draws.append(total)
+    return torch.logsumexp(torch.stack(draws), 0) - math.log(num_samples)
 
 
 @torch.no_grad()
@@ -219,12 +250,17 @@ def evaluate(
                            num_data=getattr(model, "num_data", None))
         elbo, elbo_se = _mean_se(terms["elbo"])
         iwae, iwae_se = float("nan"), float("nan")
-        predictive = getattr(model, "log_predictive", None)
-        if is_global and callable(predictive) and num_samples > 0:
+        if is_global and num_samples > 0:
             # Global latents: the held-out density is the posterior predictive
-            # (1/S) sum_s p(x | theta_s), theta_s ~ q, per data point.
-            iwae, iwae_se = _mean_se(predictive(x, num_samples=num_samples))
-        elif num_samples > 0 and not is_global:
+            # (1/S) sum_s p(x | theta_s), theta_s ~ q, per data point; a model's
+            # own log_predictive (with z summed out exactly) is preferred.
+            predictive = getattr(model, "log_predictive", None)
+            if callable(predictive):
+                values = predictive(x, num_samples=num_samples)
+            else:
+                values = posterior_predictive_log_density(model_fn, guide_fn, x, num_samples)
+            iwae, iwae_se = _mean_se(values)
+        elif num_samples > 0:
             iwae, iwae_se = _mean_se(
                 importance_log_likelihood(model_fn, guide_fn, x, num_samples, batch_size)
             )

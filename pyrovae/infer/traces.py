@@ -180,7 +180,7 @@ def _frame(site: Dict[str, Any], name: str):
     return None
 
 
-def _pointwise(
+def pointwise_log_prob(
     site_name: str, site: Dict[str, Any], data_plate: str, particle_plate: str
 ) -> Tuple[torch.Tensor, float]:
     """Reduce a site's ``log_prob`` to (K, N) or (N,); return it with the data-plate scale."""
@@ -246,7 +246,7 @@ def pointwise_log_weights(
                 f"model latent site {name!r} has no guide site: importance weights "
                 "need the guide to sample every latent variable of the model"
             )
-        term, scale = _pointwise(name, site, data_plate, particle_plate)
+        term, scale = pointwise_log_prob(name, site, data_plate, particle_plate)
         scales.add(scale)
         log_joint = term if log_joint is None else log_joint + term
         if site["is_observed"]:
@@ -258,7 +258,7 @@ def pointwise_log_weights(
                 "every guide variable to have a density under the model "
                 "(auxiliary guide variables are not supported)"
             )
-        term, scale = _pointwise(name, site, data_plate, particle_plate)
+        term, scale = pointwise_log_prob(name, site, data_plate, particle_plate)
         scales.add(scale)
         log_guide = term if log_guide is None else log_guide + term
     if log_joint is None:

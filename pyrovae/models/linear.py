@@ -56,7 +56,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae.guides import GUIDES
+from pyrovae.guides import GUIDES, encoder_distribution
 from pyrovae.models import MODELS
 from pyrovae.models.base import LatentModel
 
@@ -308,12 +308,7 @@ class FactorAnalysis(LatentModel):
         per point), a diagonal Normal otherwise."""
         self.register("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
-            if getattr(self.encoder, "scale_kind", "diag") == "tril":
-                q = dist.MultivariateNormal(loc, scale_tril=scale)
-            else:
-                q = dist.Normal(loc, scale).to_event(1)
-            pyro.sample("z", q)
+            pyro.sample("z", encoder_distribution(self.encoder, x))
 
     def exact_guide(self, x: torch.Tensor) -> None:
         """Guide that samples from the exact posterior p(z | x). With it the

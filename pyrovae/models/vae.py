@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.guides import GUIDES
+from pyrovae.guides import GUIDES, encoder_distribution
 from pyrovae.models import MODELS
 from pyrovae.models.base import LatentModel
 from pyrovae.nn import MLP
@@ -91,8 +91,7 @@ class VAE(LatentModel):
     def guide(self, x: torch.Tensor) -> None:
         self.register("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("z", encoder_distribution(self.encoder, x))
 
     # -- helpers -----------------------------------------------------------------
     def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:

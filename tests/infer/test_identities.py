@@ -19,6 +19,7 @@ from pyrovae.infer.evaluate import (
     evaluate,
     importance_log_likelihood,
     log_importance_weights,
+    posterior_predictive_log_density,
 )
 
 
@@ -146,3 +147,30 @@ def test_global_latent_gives_clear_error():
 
     with pytest.raises(ValueError, match=r"outside pyro.plate\('data'\)"):
         log_importance_weights(model, guide, torch.zeros(3), 4)
+
+
+def test_posterior_predictive_for_a_global_latent_matches_closed_form():
+    # mu ~ N(0, 1), x_n | mu ~ N(mu, 1); with q(mu) = N(m, v) the predictive
+    # density of a new point is N(x; m, 1 + v).
+    m, v = 0.7, 0.2
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x.squeeze(-1))
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(torch.tensor(m, dtype=x.dtype), v**0.5))
+
+    x = torch.linspace(-2, 3, 11, dtype=torch.float64).unsqueeze(-1)  # (N, D) with D = 1
+    exact = dist.Normal(m, (1 + v) ** 0.5).log_prob(x.squeeze(-1))
+    torch.manual_seed(0)
+    est = posterior_predictive_log_density(model, guide, x, num_samples=4000)
+    assert (est - exact).abs().max().item() < 0.02
+    ev = evaluate(model, x, guide=guide, num_samples=4000, elbo_particles=4)
+    assert ev.log_likelihood_method.startswith("posterior predictive")
+    assert ev.log_likelihood == pytest.approx(exact.mean().item(), abs=0.02)
+    # The whole-batch ELBO per point: E_q sum_n log N(x_n; mu, 1) - KL(q || p), over N.
+    kl = torch.distributions.kl_divergence(dist.Normal(m, v**0.5), dist.Normal(0.0, 1.0))
+    expected = (dist.Normal(m, 1.0).log_prob(x.squeeze(-1)) - v / 2).mean() - kl / len(x)
+    assert ev.elbo == pytest.approx(expected.item(), abs=0.1)
