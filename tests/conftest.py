@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 
@@ -8,7 +9,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "PYROVAE_DATA" not in os.environ and SHARED.exists():
     os.environ["PYROVAE_DATA"] = str(SHARED)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The test models are small: one intra-op thread avoids synchronization costs
+# that dominate at these sizes, most of all on a busy machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    # Tests that use pyro.param directly start from an empty store.
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
 
 
 def _has_mnist() -> bool:

@@ -24,15 +24,6 @@ F64 = torch.float64
 NOISE_SD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronization cost,
-    # which dominates on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def regression_data(n=20, seed=0):
     """Design rows at angles near 45 degrees, so the two coefficients have a

@@ -24,12 +24,6 @@ D, Z = 3, 2
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
 
 class Linear(nn.Module):
     def __init__(self):

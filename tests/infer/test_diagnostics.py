@@ -30,12 +30,6 @@ from pyrovae.models.vae import VAE
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
 
 class OneD:
     def __init__(self, b, m, sigma):

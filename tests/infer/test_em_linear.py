@@ -22,15 +22,6 @@ from pyrovae.models.linear import LinearGaussianParams, linear_gaussian_log_prob
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronization cost,
-    # which dominates on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def bfi():

@@ -23,14 +23,6 @@ needs_faithful = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These problems are tiny: one thread avoids oversubscribing shared cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _split(name):
     return load_dataset(name, "train").x.double(), load_dataset(name, "test").x.double()

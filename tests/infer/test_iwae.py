@@ -31,12 +31,6 @@ DTYPE = torch.float64
 _ids = itertools.count()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
 
 class LinearGaussian:
     """The model and guide above, with per-data-point parameter rows."""

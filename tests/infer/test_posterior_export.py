@@ -20,13 +20,6 @@ from pyrovae.infer.posterior import to_inference_data  # noqa: E402
 from pyrovae.models import BayesianFactorAnalysis, FactorAnalysis  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data():

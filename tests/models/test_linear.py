@@ -28,15 +28,6 @@ from pyrovae.models.linear import linear_gaussian_log_prob, varimax
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: intra-op threads only add synchronization cost,
-    # which dominates on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_model(cls, x_dim=7, z_dim=3, seed=0, **kw):
     """A model with non-trivial random parameters, in float64."""

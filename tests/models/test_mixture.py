@@ -24,14 +24,6 @@ needs_faithful = pytest.mark.skipif(
 ENUM = dict(elbo="TraceEnum_ELBO", elbo_options={"max_plate_nesting": 1})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These problems are tiny: one thread avoids oversubscribing shared cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _random_mixture(covariance: str, K: int = 3, D: int = 3, seed: int = 0) -> GaussianMixture:
     """A float64 mixture with unequal weights and correlated components."""
