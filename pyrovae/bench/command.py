@@ -122,9 +122,17 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pyrovae.bench.report import write_report
-    from pyrovae.bench.runner import load_results
+    from pyrovae.bench.runner import SUITE_COPY, load_results
+    from pyrovae.bench.spec import load_suite
 
-    path = write_report(load_results(args.out), args.out)
+    suite = None
+    copy = Path(args.out) / SUITE_COPY
+    if copy.exists():
+        try:  # the suite file kept with the results gives the tables their order
+            suite = load_suite(copy)
+        except ValueError:
+            suite = None
+    path = write_report(load_results(args.out), args.out, suite=suite)
     print(f"report: {path}")
     return 0
 

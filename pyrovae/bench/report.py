@@ -170,7 +170,7 @@ def _mean_sd(mean: float, sd: float) -> str:
     if sd is None or (isinstance(sd, float) and math.isnan(sd)) or sd == 0:
         return _fmt(mean)
     # The spread is shown to the precision of the mean it qualifies.
-    decimals = _decimals(float(mean)) if not float(mean).is_integer() else _decimals(float(sd))
+    decimals = 1 if float(mean).is_integer() else _decimals(float(mean))
     return f"{_fmt(mean, decimals)} ± {_fmt(sd, decimals)}"
 
 
@@ -433,6 +433,11 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = latest_rows(frame)
+    if suite is not None:
+        # Tables follow the suite file's order, not the order cells finished in.
+        rank = {cell.key: i for i, cell in enumerate(suite.cells())}
+        rows = rows.assign(_rank=rows["cell_key"].map(rank)).sort_values(
+            "_rank", kind="stable", na_position="last").drop(columns="_rank")
     summary = summarize(rows)
     summary.to_csv(out / "summary.csv", index=False)
     name = getattr(suite, "name", None) or (rows["suite"].iloc[0] if len(rows) else "benchmark")
