@@ -89,10 +89,18 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{cell.key}  {cell_label(cell)}")
         print(f"{len(cells)} cells")
         return 0
-    summary = run_suite(
-        suite, args.out, jobs=args.jobs, progress=not args.no_progress,
-        retry_errors=args.retry_errors, fail_fast=args.fail_fast, threads=args.threads,
-    )
+    try:
+        summary = run_suite(
+            suite, args.out, jobs=args.jobs, progress=not args.no_progress,
+            retry_errors=args.retry_errors, fail_fast=args.fail_fast, threads=args.threads,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"pyrovae bench: interrupted; the finished cells are in {Path(args.out) / 'results.csv'}; "
+            "run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"suite {suite.name}: {summary.cells} cells, {summary.skipped} already done, "
         f"{summary.ran} run now ({summary.errors} failed) in {summary.seconds:.1f} s"
