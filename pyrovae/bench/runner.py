@@ -28,7 +28,7 @@ import pandas as pd
 import pyro
 import torch
 
-from pyrovae.bench.spec import Cell, Suite, _sklearn_class, canonical_json
+from pyrovae.bench.spec import Cell, Suite, sklearn_estimator, canonical_json
 
 RESULTS_FILE = "results.csv"
 SUITE_COPY = "suite.toml"
@@ -84,9 +84,7 @@ def _load_data(cell: Cell) -> Tuple[Any, Any]:
 
 
 def _versions() -> Dict[str, str]:
-    import pyro
-
-    import pyrovae
+    import pyrovae  # the package imports this module's package: import late
 
     return {
         "pyrovae_version": getattr(pyrovae, "__version__", "unknown"),
@@ -146,12 +144,12 @@ def _fit_svi(cell: Cell, model: Any, train: Any) -> Dict[str, Any]:
 
 
 def _fit_em(cell: Cell, model: Any, train: Any) -> Dict[str, Any]:
-    from pyrovae.bench.spec import _signature_options
+    from pyrovae.bench.spec import signature_options
 
     fit_em = getattr(model, "fit_em", None)
     if not callable(fit_em):
         raise ValueError(f"method 'em' needs a model with a fit_em method; {cell.model!r} has none")
-    accepted, _ = _signature_options(fit_em, ())
+    accepted, _ = signature_options(fit_em, ())
     options = dict(cell.method_options)
     if (accepted is None or "seed" in accepted) and "seed" not in options:
         options["seed"] = cell.seed
@@ -188,7 +186,7 @@ def _sklearn_options(cell: Cell) -> Dict[str, Any]:
 def _run_sklearn(cell: Cell, train: Any, test: Any) -> Dict[str, Any]:
     import numpy as np
 
-    estimator = _sklearn_class(cell.model)(**_sklearn_options(cell))
+    estimator = sklearn_estimator(cell.model)(**_sklearn_options(cell))
     x_train = train.fixed(cell.eval.seed).cpu().double().numpy()
     x_test = test.fixed(cell.eval.seed).cpu().double().numpy()[: cell.eval.max_points]
     t0 = time.perf_counter()

@@ -371,7 +371,7 @@ def _parameters(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]],
     return names, defaults, var_kw
 
 
-def _signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
+def signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
     """Keyword options ``fn`` accepts (None when it takes ``**kwargs``) and their defaults."""
     names, defaults, var_kw = _parameters(fn, skip)
     return (None if var_kw else names), defaults
@@ -587,7 +587,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         for key in ("train_split", "test_split"):
             if not isinstance(spec[key], str):
                 p.add(f"{dw}.{key}", f"must be a string such as 'train' or 'test', got {spec[key]!r}")
-        allowed, _ = _signature_options(DATASETS[dname], skip=RUNNER_DATASET_OPTIONS)
+        allowed, _ = signature_options(DATASETS[dname], skip=RUNNER_DATASET_OPTIONS)
         if allowed is not None:
             _check_keys(p, dw, options, [*DATASET_KEYS, *allowed])
         else:
@@ -654,14 +654,14 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         for mname, _ in models:
             fit_em = getattr(MODELS.get(mname), "fit_em", None)
             if callable(fit_em):
-                allowed, _ = _signature_options(fit_em, skip=("x", "data", "seed"))
+                allowed, _ = signature_options(fit_em, skip=("x", "data", "seed"))
                 if allowed is not None:
                     _check_keys(p, f"{where}.em", em, allowed)
     skl = method_tables["sklearn"]
     if skl and "sklearn" in methods and importlib.util.find_spec("sklearn") is not None:
         for mname, _ in models:
             if mname in SKLEARN_MODELS:
-                allowed = _sklearn_class(mname)._get_param_names()
+                allowed = sklearn_estimator(mname)._get_param_names()
                 _check_keys(p, f"{where}.sklearn", skl, [a for a in allowed if a != "random_state"])
 
     device = graw.get("device", "cpu")
@@ -676,7 +676,9 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
     )
 
 
-def _sklearn_class(model: str):
+def sklearn_estimator(model: str) -> type:
+    """The scikit-learn estimator class standing in for ``model`` (``"fa"``,
+    ``"ppca"``, ``"gmm"``); imported only when asked for."""
     module_name, cls_name = SKLEARN_MODELS[model].rsplit(".", 1)
     module = importlib.import_module(module_name)
     return getattr(module, cls_name)
