@@ -77,7 +77,9 @@ class ArrayDataset:
         if batch_size > n:
             batch_size = n
         if shuffle:
-            order = torch.randperm(n, generator=generator).to(self.x.device)
+            # The permutation is drawn where the generator lives, then moved.
+            where = generator.device if generator is not None else "cpu"
+            order = torch.randperm(n, generator=generator, device=where).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
         stop = n - n % batch_size if drop_last else n
