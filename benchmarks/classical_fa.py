@@ -147,10 +147,14 @@ def main() -> None:
     reference = table[table["method"] == "sklearn (converged)"].set_index("seed")["test_ll"]
     table.insert(table.columns.get_loc("test_ll") + 1, "test_ll_minus_sklearn",
                  table["test_ll"] - table["seed"].map(reference))
+    # Speed as a ratio to scikit-learn's converged fit timed in the same run.
+    sk_seconds = table[table["method"] == "sklearn (converged)"].set_index("seed")["seconds"]
+    table["time_vs_sklearn"] = table["seconds"] / table["seed"].map(sk_seconds)
     table["threads"] = args.threads
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "results.csv", index=False)
-    shown = table[["method", "seed", "train_ll", "test_ll", "test_ll_minus_sklearn", "iterations", "seconds"]]
+    shown = table[["method", "seed", "train_ll", "test_ll", "test_ll_minus_sklearn", "iterations", "seconds",
+                   "time_vs_sklearn"]]
     text = markdown(shown)
     (args.out / "results.md").write_text(text + "\n")
     print(text)

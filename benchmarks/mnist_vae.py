@@ -122,7 +122,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as ckpt:
         for epochs in sorted({1, args.epochs}):
             res = fit(model, train, test, elbo=args.elbo, epochs=epochs, batch_size=128, lr=1e-3,
-                      seed=args.seed, checkpoint_dir=ckpt, resume=True, eval_size=10000)
+                      seed=args.seed, checkpoint_dir=ckpt, resume=True, eval_size=10000,
+                      progress=False)
             ev = evaluate(model, test, num_samples=args.eval_samples,
                           max_points=args.eval_points, seed=args.seed)
             rows.append({
