@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from pyrovae.cli import main
 
@@ -77,3 +78,18 @@ def test_classical_models_train_from_the_command_line(tmp_path, argv, method, fi
         assert -1.6 < metrics["log_likelihood"].item() < -1.1
     if figure:
         assert (out / figure).stat().st_size > 0
+
+
+def test_train_on_a_csv_file(tmp_path):
+    # Two well-separated clusters written as a plain CSV with a header.
+    g = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(100, 2, generator=g) - 4, torch.randn(100, 2, generator=g) + 4])
+    csv = tmp_path / "points.csv"
+    pd.DataFrame(points.numpy(), columns=["a", "b"]).to_csv(csv, index=False)
+    out = tmp_path / "run"
+    assert main(["train", "gmm", "--dataset", str(csv), "--z-dim", "2", "--method", "em",
+                 "--out", str(out), "--no-progress"]) == 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["log_likelihood_method"].item() == "exact"
+    assert (out / "components.png").exists()
+    assert main(["train", "gmm", "--dataset", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
