@@ -59,8 +59,9 @@ References
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
@@ -580,3 +581,18 @@ class BayesianGaussianMixture(_MixtureMethods):
         else:
             component = dist.Normal(loc, scale).to_event(1)
         return torch.logsumexp(component.log_prob(x.unsqueeze(-2)) + theta["weights"].log(), -1)
+
+
+def match_components(true_means: torch.Tensor, means: torch.Tensor) -> List[int]:
+    """The label permutation ``p`` (``means[p[k]]`` estimates component ``k``)
+    with the least total distance between matched means, for comparing a
+    fitted mixture with a known one up to relabelling. Tries every
+    permutation, so it is meant for small K (at most about 8)."""
+    if true_means.shape != means.shape:
+        raise ValueError(f"mean shapes differ: {tuple(true_means.shape)} vs {tuple(means.shape)}")
+    cost = torch.cdist(true_means.double(), means.double())
+    K = len(true_means)
+    best = min(itertools.permutations(range(K)),
+               key=lambda p: float(sum(cost[k, p[k]] for k in range(K))))
+    return list(best)
+

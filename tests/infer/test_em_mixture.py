@@ -2,8 +2,6 @@
 scikit-learn's GaussianMixture on real data, seeding, recovery of a known
 mixture."""
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,7 @@ from pyrovae.infer.em_mixture import (
     initial_parameters,
     kmeans_plusplus,
 )
+from pyrovae.models.mixture import match_components
 
 sklearn_mixture = pytest.importorskip("sklearn.mixture")
 needs_faithful = pytest.mark.skipif(
@@ -27,14 +26,6 @@ needs_faithful = pytest.mark.skipif(
 def _split(name):
     return load_dataset(name, "train").x.double(), load_dataset(name, "test").x.double()
 
-
-def _match(true_means: torch.Tensor, means: torch.Tensor) -> list:
-    """Label permutation p (means[p[k]] estimates component k) with the least
-    total distance between matched means; K is small, so try them all."""
-    dist = torch.cdist(true_means, means.double())
-    K = len(true_means)
-    return list(min(itertools.permutations(range(K)),
-                    key=lambda p: float(sum(dist[k, p[k]] for k in range(K)))))
 
 
 def _sklearn_precisions(params: MixtureParameters) -> np.ndarray:
@@ -116,7 +107,7 @@ def test_initialization_does_not_collapse_components():
     data = load_dataset("synthetic-gmm", n=600, seed=0)
     truth = gmm_truth(seed=0)
     start = initial_parameters(data.x, 3, "full", generator=torch.Generator().manual_seed(5))
-    perm = _match(truth.means, start.means)
+    perm = match_components(truth.means, start.means)
     assert torch.allclose(start.weights[perm], truth.weights, atol=0.05)
 
 
@@ -130,7 +121,7 @@ def test_em_recovers_synthetic_mixture(covariance):
     test = load_dataset("synthetic-gmm", "test", covariance=covariance, seed=0)
     fit = fit_mixture_em(train.x, 3, covariance, n_init=3, seed=0)
     p = fit.params
-    perm = _match(truth.means, p.means)
+    perm = match_components(truth.means, p.means)
     assert (p.weights[perm] - truth.weights).abs().max() < 0.05
     assert (p.means[perm] - truth.means).abs().max() < 0.2
     assert (p.dense_covariances()[perm] - truth.covariances).abs().max() < 0.25

@@ -2,7 +2,6 @@
 ELBO, responsibilities), then training by SVI against the EM optimum and
 recovery of a known mixture, then the Bayesian mixture."""
 
-import itertools
 import math
 
 import numpy as np
@@ -15,7 +14,7 @@ from pyrovae.data import data_root, load_dataset
 from pyrovae.data.synthetic import gmm_truth
 from pyrovae.infer import evaluate, fit
 from pyrovae.models import MODELS
-from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture
+from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture, match_components
 from pyrovae.viz import FIGURES
 
 needs_faithful = pytest.mark.skipif(
@@ -34,14 +33,6 @@ def _random_mixture(covariance: str, K: int = 3, D: int = 3, seed: int = 0) -> G
             p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
 
-
-def _match(true_means: torch.Tensor, means: torch.Tensor) -> list:
-    """Label permutation p (means[p[k]] estimates component k) with the least
-    total distance between matched means; K is small, so try them all."""
-    dist = torch.cdist(true_means, means.double())
-    K = len(true_means)
-    return list(min(itertools.permutations(range(K)),
-                    key=lambda p: float(sum(dist[k, p[k]] for k in range(K)))))
 
 
 # -- exact identities ------------------------------------------------------------------
@@ -173,12 +164,12 @@ def test_enumerated_svi_recovers_synthetic_mixture():
         model.mixture.logits.zero_()
         model.mixture.raw_scale.zero_()
     start = model.mixture_parameters()
-    perm = _match(truth.means, start.means)
+    perm = match_components(truth.means, start.means)
     assert (start.weights[perm] - truth.weights).abs().max() > 0.2
     assert (start.dense_covariances()[perm] - truth.covariances).abs().max() > 0.5
     fit(model, train, epochs=40, batch_size=250, lr=0.03, progress=False, **ENUM)
     p = model.mixture_parameters()
-    perm = _match(truth.means, p.means)
+    perm = match_components(truth.means, p.means)
     assert (p.weights[perm] - truth.weights).abs().max() < 0.05
     assert (p.means[perm] - truth.means).abs().max() < 0.2
     assert (p.dense_covariances()[perm] - truth.covariances).abs().max() < 0.25
@@ -230,7 +221,7 @@ def test_bayesian_mixture_recovers_synthetic_truth(elbo, covariance):
                  progress=False)
     assert np.isfinite(result.history["train_elbo"]).all()
     p = model.mixture_parameters()
-    perm = _match(truth.means, p.means)
+    perm = match_components(truth.means, p.means)
     assert (p.weights[perm] - truth.weights).abs().max() < 0.05
     assert (p.means[perm] - truth.means).abs().max() < 0.2
     assert (p.dense_covariances()[perm] - truth.covariances).abs().max() < 0.25
