@@ -6,7 +6,19 @@ trains them with SVI.
 
 from pyrovae.data import ArrayDataset, DATASETS, load_dataset
 from pyrovae.guides import GUIDES
-from pyrovae.infer import ELBOS, Evaluation, FitConfig, FitResult, evaluate, fit, make_objective
+from pyrovae.infer import (
+    ELBOS,
+    IWAE,
+    STL_ELBO,
+    BetaELBO,
+    Evaluation,
+    FitConfig,
+    FitResult,
+    evaluate,
+    fit,
+    gradient_stats,
+    make_objective,
+)
 from pyrovae.models import MODELS, VAE, LatentModel
 from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture
 from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis
@@ -19,6 +31,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArrayDataset",
+    "BetaELBO",
+    "IWAE",
+    "STL_ELBO",
+    "gradient_stats",
     "BayesianFactorAnalysis",
     "BayesianGaussianMixture",
     "DATASETS",
