@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import pandas as pd
+import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
@@ -48,23 +49,108 @@ from pyrovae.infer.traces import (
 ELEMENT_BUDGET = 2**23
 
 
+def enumerated_sites(model: Callable, guide: Callable, x: torch.Tensor) -> List[str]:
+    """Latent sites that only the model samples and marks for parallel
+    enumeration (``infer={"enumerate": "parallel"}``), such as a mixture
+    assignment whose guide is empty."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return [
+        name for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes
+        and site["infer"].get("enumerate") == "parallel"
+    ]
+
+
+def _enumerated_log_weights(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, nesting: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log weights with the model's enumerated sites summed out exactly.
+
+    The model runs under ``poutine.enum`` with enumeration dimensions to the
+    left of the particle plate, so the sum of its log-densities is a tensor
+    over every joint value of the enumerated variables; its log-sum-exp over
+    those dimensions is log p(x_n, z_n) with the enumerated variables
+    marginalized, per particle and data point.
+    """
+    ndim = nesting + 1
+    particles = pyro.plate(PARTICLE_PLATE, num_samples, dim=-ndim)
+    guide_trace = prune_subsample_sites(poutine.trace(particles(guide)).get_trace(x))
+    enumerated = poutine.enum(
+        poutine.replay(particles(model), trace=guide_trace), first_available_dim=-(ndim + 1)
+    )
+    model_trace = prune_subsample_sites(poutine.trace(enumerated).get_trace(x))
+    guide_trace.compute_log_prob()
+    n = x.shape[0]
+
+    data_dim = None
+
+    def keep_enum_dims(name: str, site: Dict[str, Any]) -> torch.Tensor:
+        # Sum the plate dimensions other than particles and data; keep the
+        # enumeration dimensions on the left.
+        nonlocal data_dim
+        data_dims = [f.dim for f in site["cond_indep_stack"] if f.name == "data"]
+        if not data_dims:
+            raise ValueError(f"site {name!r} is outside pyro.plate('data')")
+        data_dim = data_dims[0]
+        lp = site["fn"].log_prob(site["value"])
+        if site.get("mask") is not None and site["mask"] is not True:
+            lp = torch.where(torch.as_tensor(site["mask"]), lp, lp.new_zeros(()))
+        lp = lp.reshape((1,) * max(0, ndim - lp.dim()) + tuple(lp.shape))
+        others = [d for d in range(-ndim, 0) if d not in (-ndim, data_dim)]
+        return lp.sum(others, keepdim=True) if others else lp
+
+    joint = x.new_zeros((1,) * ndim)
+    log_prior = x.new_zeros((1,) * ndim)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        lp = keep_enum_dims(name, site)
+        joint = joint + lp
+        if not site["is_observed"] and name in guide_trace.nodes and lp.dim() == ndim:
+            log_prior = log_prior + lp
+    enum_dims = tuple(range(joint.dim() - ndim))
+    if enum_dims:
+        joint = joint.logsumexp(enum_dims)
+    shape = [1] * ndim
+    shape[0], shape[data_dim] = num_samples, n
+    log_joint = torch.broadcast_to(joint, shape).reshape(num_samples, n)
+    log_prior = torch.broadcast_to(log_prior, shape).reshape(num_samples, n)
+    log_q = x.new_zeros(num_samples, n)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            log_q = log_q + pointwise_log_prob(name, site, "data", PARTICLE_PLATE)[0]
+    log_w = log_joint - log_q
+    log_ratio = log_prior - log_q
+    return log_w, log_w - log_ratio, log_ratio
+
+
 def log_importance_weights(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
     num_samples: int,
     nesting: Optional[int] = None,
+    enumerate_sites: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-data-point log weights from ``num_samples`` vectorized guide draws.
 
     Returns ``(log_w, log_lik, log_ratio)``, each of shape (K, N):
     ``log_w = log_lik + log_ratio`` with ``log_lik = log p(x_n | z_k)`` and
     ``log_ratio = log p(z_k) - log q(z_k | x_n)``. Latent sites that only the
-    model samples (an enumerated mixture assignment, say) are drawn from their
-    prior, which is then their proposal, so their densities cancel and are
-    left out. Every observed site and every latent site of the guide must be
-    inside ``pyro.plate("data", N)``.
+    model samples are summed out exactly when marked for parallel enumeration
+    (``enumerate_sites``, detected when None); otherwise they are drawn from
+    their prior, which is then their proposal, so their densities cancel and
+    are left out. Every observed site and every latent site of the guide must
+    be inside ``pyro.plate("data", N)``.
     """
+    if nesting is None:
+        nesting = guess_max_plate_nesting(model, guide, (x,), {})
+    if enumerate_sites is None:
+        enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
+    if enumerate_sites:
+        return _enumerated_log_weights(model, guide, x, num_samples, nesting)
     with warnings.catch_warnings():
         # Pyro warns about model-only sites; here they are the prior proposal.
         warnings.filterwarnings("ignore", message="Found vars in model but not guide")
@@ -110,10 +196,11 @@ def elbo_terms(
         nan = x.new_full((1,), math.nan)
         return {"elbo": x.new_full((1,), -loss / (num_data or x.shape[0])), "recon": nan, "kl": nan}
     nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
+    enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
     parts: Dict[str, list] = {"elbo": [], "recon": [], "kl": []}
     for start in range(0, x.shape[0], batch_size):
         log_w, log_lik, log_ratio = log_importance_weights(
-            model, guide, x[start : start + batch_size], num_particles, nesting
+            model, guide, x[start : start + batch_size], num_particles, nesting, enumerate_sites
         )
         parts["elbo"].append(log_w.mean(0))
         parts["recon"].append(log_lik.mean(0))
@@ -158,6 +245,7 @@ def importance_log_likelihood(
     """Per-data-point importance-sampled log-likelihood (the K-sample IWAE
     bound), computed in chunks of particles so memory stays bounded."""
     nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
+    enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
@@ -166,7 +254,7 @@ def importance_log_likelihood(
         done = 0
         while done < num_samples:
             k = min(chunk, num_samples - done)
-            log_w = log_importance_weights(model, guide, xb, k, nesting)[0]
+            log_w = log_importance_weights(model, guide, xb, k, nesting, enumerate_sites)[0]
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
             done += k
         out.append(lse - math.log(num_samples))
