@@ -37,30 +37,34 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.infer.fit import _module_of, _programs
-from pyrovae.infer.traces import (
-    PARTICLE_PLATE,
-    pointwise_log_prob,
-    guess_max_plate_nesting,
-    sample_log_weights,
-)
+from pyrovae.infer.traces import PARTICLE_PLATE, pointwise_log_prob, sample_log_weights
 
 # Upper bound on (particles x data points x data dimension) held at once, which
 # keeps memory bounded for K = 5000 on a full test set.
 ELEMENT_BUDGET = 2**23
 
 
-def enumerated_sites(model: Callable, guide: Callable, x: torch.Tensor) -> List[str]:
-    """Latent sites that only the model samples and marks for parallel
-    enumeration (``infer={"enumerate": "parallel"}``), such as a mixture
-    assignment whose guide is empty."""
+def _weighting(model: Callable, guide: Callable, x: torch.Tensor) -> Tuple[int, List[str]]:
+    """One trace of guide and model: the deepest plate nesting of their sample
+    sites, and the latent sites that only the model samples and marks for
+    parallel enumeration (``infer={"enumerate": "parallel"}``), such as a
+    mixture assignment whose guide is empty."""
     with torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    return [
+    depth = 0
+    for trace in (guide_trace, model_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized and frame.dim is not None:
+                        depth = max(depth, -frame.dim)
+    enumerated = [
         name for name, site in model_trace.nodes.items()
         if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes
         and site["infer"].get("enumerate") == "parallel"
     ]
+    return depth, enumerated
 
 
 def _enumerated_log_weights(
@@ -145,10 +149,10 @@ def log_importance_weights(
     are left out. Every observed site and every latent site of the guide must
     be inside ``pyro.plate("data", N)``.
     """
-    if nesting is None:
-        nesting = guess_max_plate_nesting(model, guide, (x,), {})
-    if enumerate_sites is None:
-        enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
+    if nesting is None or enumerate_sites is None:
+        depth, enumerated = _weighting(model, guide, x[:2])
+        nesting = depth if nesting is None else nesting
+        enumerate_sites = bool(enumerated) if enumerate_sites is None else enumerate_sites
     if enumerate_sites:
         return _enumerated_log_weights(model, guide, x, num_samples, nesting)
     with warnings.catch_warnings():
@@ -195,8 +199,8 @@ def elbo_terms(
         loss = Trace_ELBO(num_particles=num_particles).loss(model, guide, x)
         nan = x.new_full((1,), math.nan)
         return {"elbo": x.new_full((1,), -loss / (num_data or x.shape[0])), "recon": nan, "kl": nan}
-    nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
-    enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
+    nesting, enumerated = _weighting(model, guide, x[:2])
+    enumerate_sites = bool(enumerated)
     parts: Dict[str, list] = {"elbo": [], "recon": [], "kl": []}
     for start in range(0, x.shape[0], batch_size):
         log_w, log_lik, log_ratio = log_importance_weights(
@@ -244,8 +248,8 @@ def importance_log_likelihood(
 ) -> torch.Tensor:
     """Per-data-point importance-sampled log-likelihood (the K-sample IWAE
     bound), computed in chunks of particles so memory stays bounded."""
-    nesting = guess_max_plate_nesting(model, guide, (x[:2],), {})
-    enumerate_sites = bool(enumerated_sites(model, guide, x[:2]))
+    nesting, enumerated = _weighting(model, guide, x[:2])
+    enumerate_sites = bool(enumerated)
     out = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]

@@ -110,6 +110,14 @@ class _MixtureMethods(LatentModel):
     def set_parameters(self, params: MixtureParameters, num_data: Optional[int] = None) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _check_fits(self, params: MixtureParameters) -> None:
+        if params.covariance != self.covariance or tuple(params.means.shape) != (self.K, self.x_dim):
+            raise ValueError(
+                f"parameters for {params.n_components} {params.covariance} components of "
+                f"dimension {params.means.shape[1]} do not fit this mixture "
+                f"(K={self.K}, x_dim={self.x_dim}, {self.covariance})"
+            )
+
     # -- initialization ------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, seed: Optional[int] = None, n_init: int = 1) -> None:
@@ -315,12 +323,7 @@ class GaussianMixture(_MixtureMethods):
     @torch.no_grad()
     def set_parameters(self, params: MixtureParameters, num_data: Optional[int] = None) -> None:
         """Copy ``params`` (any dtype) into the module; marks the model initialized."""
-        if params.covariance != self.covariance or tuple(params.means.shape) != (self.K, self.x_dim):
-            raise ValueError(
-                f"parameters for {params.n_components} {params.covariance} components of "
-                f"dimension {params.means.shape[1]} do not fit this mixture "
-                f"(K={self.K}, x_dim={self.x_dim}, {self.covariance})"
-            )
+        self._check_fits(params)
         m = self.mixture
         # The clamp keeps log-weights finite when EM empties a component.
         m.logits.copy_(params.weights.clamp_min(1e-300).log().to(m.logits))
@@ -531,12 +534,7 @@ class BayesianGaussianMixture(_MixtureMethods):
         alpha + num_data * weights, means and log-scales at the given values,
         correlation factor at the given correlation; guide spreads reset to 0.1.
         Marks the model initialized."""
-        if params.covariance != self.covariance or tuple(params.means.shape) != (self.K, self.x_dim):
-            raise ValueError(
-                f"parameters for {params.n_components} {params.covariance} components of "
-                f"dimension {params.means.shape[1]} do not fit this mixture "
-                f"(K={self.K}, x_dim={self.x_dim}, {self.covariance})"
-            )
+        self._check_fits(params)
         v = self.variational
         n = self.num_data or num_data or 1
         v.log_concentration.copy_((self.concentration + n * params.weights).log().to(v.log_concentration))
