@@ -26,10 +26,19 @@ from pyrovae.guides.meanfield import FullRank, MeanField
 from pyrovae.infer.em import EMResult
 from pyrovae.infer.posterior import to_inference_data
 from pyrovae.bench import compare_results, load_suite, run_suite
-
-__version__ = "0.1.0"
+from pyrovae.pipeline import EvalSettings, RunResult, RunSpec, build_model, load_run, read_spec, run
+from pyrovae.seeding import seeded
+from pyrovae.version import __version__
 
 __all__ = [
+    "EvalSettings",
+    "RunResult",
+    "RunSpec",
+    "build_model",
+    "load_run",
+    "read_spec",
+    "run",
+    "seeded",
     "ArrayDataset",
     "BetaELBO",
     "IWAE",

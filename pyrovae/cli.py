@@ -1,5 +1,5 @@
 """Command line: ``pyrovae train | eval | bench``. Thin: parsing and printing
-only; the work is in :mod:`pyrovae.experiment` and :mod:`pyrovae.bench`."""
+only; the work is in :mod:`pyrovae.pipeline` and :mod:`pyrovae.bench`."""
 
 from __future__ import annotations
 
@@ -45,7 +45,10 @@ def _add_train(sub) -> None:
     p.add_argument("--likelihood", default=None, help="bernoulli | gaussian (VAE)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="extra model option (JSON value), repeatable")
-    p.add_argument("--method", default="svi", choices=["svi", "em"])
+    p.add_argument("--method", default="svi", choices=["svi", "em", "sklearn"],
+                   help="svi (default), em (the model's EM algorithm) or sklearn "
+                        "(its scikit-learn counterpart, for comparison)")
+    p.add_argument("--em-max-iter", type=int, default=500, help="EM iterations at most")
     p.add_argument("--elbo", default=None,
                    help=f"objective (default: the model's, else Trace_ELBO): {', '.join(sorted(ELBOS))}")
     p.add_argument("--num-particles", type=int, default=1)
@@ -64,28 +67,49 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pyrovae.experiment import RunSpec, train_run
+def build_spec(args: argparse.Namespace):
+    """The :class:`~pyrovae.pipeline.RunSpec` of a ``pyrovae train`` command."""
+    from pyrovae.data import DATASETS
+    from pyrovae.pipeline import EvalSettings, RunSpec
+    from pyrovae.registry import signature_options
 
     options = _parse_set(args.options)
-    for key in ("hidden", "activation", "likelihood"):
+    for key in ("z_dim", "hidden", "activation", "likelihood"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    spec = RunSpec(
-        model=args.model, dataset=args.dataset, out=args.out, data_root=args.data_root,
-        binarize=args.binarize, train_size=args.train_size, z_dim=args.z_dim,
-        data_options=_parse_set(args.data_options),
-        model_options=options, method=args.method, eval_samples=args.eval_samples,
-        eval_points=args.eval_points, device=args.device,
-        fit=dict(
-            **({} if args.elbo is None else {"elbo": args.elbo}), num_particles=args.num_particles,
-            vectorize_particles=args.vectorize_particles, epochs=args.epochs,
-            max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-            optimizer=args.optimizer, seed=args.seed, progress=not args.no_progress,
-        ),
+    data_options = _parse_set(args.data_options)
+    # Data-root and binarization flags apply to the loaders that take them.
+    accepted = None
+    if not args.dataset.endswith(".csv") and args.dataset in DATASETS:
+        accepted, _ = signature_options(DATASETS[args.dataset], ("split", "device"))
+    for key, value in (("root", args.data_root), ("binarize", args.binarize)):
+        if accepted is not None and key in accepted and key not in data_options:
+            if key == "root" and value is None:
+                continue
+            data_options[key] = value
+    fit = dict(
+        num_particles=args.num_particles, vectorize_particles=args.vectorize_particles,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, progress=not args.no_progress,
     )
+    if args.elbo is not None:
+        fit["elbo"] = args.elbo
+    return RunSpec(
+        model=args.model, model_options=options, dataset=args.dataset,
+        dataset_options=data_options, train_size=args.train_size, method=args.method,
+        method_options={"max_iter": args.em_max_iter} if args.method == "em" else {},
+        fit=fit if args.method == "svi" else {}, seed=args.seed,
+        eval=EvalSettings(num_samples=args.eval_samples, max_points=args.eval_points),
+        device=args.device, out=args.out,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pyrovae.pipeline import run
+
+    spec = build_spec(args)
     try:
-        result = train_run(spec, resume=args.resume)
+        result = run(spec, resume=args.resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed epoch is saved in {args.out}. "
               f"Continue with the same command plus --resume.", file=sys.stderr)
@@ -97,7 +121,10 @@ def _train(args: argparse.Namespace) -> int:
 def _report(result) -> None:
     if len(result.history):
         print(result.history.tail(5).to_string(index=False))
-    print(result.evaluation.to_frame().T.to_string(header=False))
+    if result.evaluation is not None:
+        print(result.evaluation.to_frame().T.to_string(header=False))
+    for note in result.notes:
+        print(f"note: {note}")
     print(f"wrote {result.out}/metrics.csv and {len(result.figures)} figures:")
     for path in result.figures:
         print(f"  {path}")
@@ -112,9 +139,18 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pyrovae.experiment import evaluate_run
+    from dataclasses import replace
 
-    _report(evaluate_run(args.run, args.num_samples, args.eval_points, args.seed))
+    from pyrovae.pipeline import read_spec, run
+
+    spec = read_spec(args.run)
+    settings = {"seed": args.seed}
+    if args.num_samples is not None:
+        settings["num_samples"] = args.num_samples
+    if args.eval_points is not None:
+        settings["max_points"] = args.eval_points
+    spec = replace(spec, out=args.run, eval=replace(spec.eval, **settings))
+    _report(run(spec, evaluate_only=True))
     return 0
 
 

@@ -6,7 +6,9 @@ error that lists the known ones instead of a bare ``KeyError``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, TypeVar
+import inspect
+import typing
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -37,3 +39,53 @@ class Registry(Dict[str, Any]):
             return self[name]
         except KeyError as err:
             raise ValueError(err.args[0]) from None
+
+
+def _parameters(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any], bool]:
+    """Keyword parameter names of ``fn``, their defaults, and whether it also
+    takes ``**kwargs``; names None when there is no signature to read."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None, {}, True
+    names, defaults, var_kw = [], {}, False
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+            continue
+        if name in skip or name == "self":
+            continue
+        names.append(name)
+        if param.default is not inspect.Parameter.empty:
+            defaults[name] = param.default
+    return names, defaults, var_kw
+
+
+def signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
+    """Keyword options ``fn`` accepts (None when it takes ``**kwargs``) and their defaults."""
+    names, defaults, var_kw = _parameters(fn, skip)
+    return (None if var_kw else names), defaults
+
+
+def builder_options(build: Callable) -> Tuple[Optional[List[str]], Dict[str, Any]]:
+    """Options a ``MODELS`` entry accepts besides ``x_dim``, and their defaults.
+
+    A builder function that passes ``**options`` on to the class named by its
+    return annotation accepts its own parameters plus that class's; None
+    means the options cannot be known before the model is built.
+    """
+    names, defaults, var_kw = _parameters(build, skip=("x_dim",))
+    if names is None or not var_kw:
+        return names, defaults
+    try:
+        target = typing.get_type_hints(build).get("return")
+    except (NameError, TypeError):
+        return None, defaults
+    if not isinstance(target, type):
+        return None, defaults
+    cls_names, cls_defaults, cls_var_kw = _parameters(target, skip=("x_dim",))
+    if cls_names is None or cls_var_kw:
+        return None, defaults
+    return list(dict.fromkeys(names + cls_names)), {**cls_defaults, **defaults}

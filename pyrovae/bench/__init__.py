@@ -6,7 +6,8 @@ See ``benchmarks/README.md`` for the file format and the shipped suites.
 
 from pyrovae.bench.compare import compare_results
 from pyrovae.bench.report import summarize, write_report
-from pyrovae.bench.runner import RESULT_COLUMNS, RunSummary, load_results, run_cell, run_suite
+from pyrovae.bench.results import RESULT_COLUMNS, load_results
+from pyrovae.bench.runner import RunSummary, run_cell, run_suite
 from pyrovae.bench.spec import Cell, EvalSettings, Grid, SpecError, Suite, load_suite, parse_suite
 
 __all__ = [

@@ -130,7 +130,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from pyrovae.bench.report import write_report
-    from pyrovae.bench.runner import SUITE_COPY, load_results
+    from pyrovae.bench.results import load_results
+    from pyrovae.bench.runner import SUITE_COPY
     from pyrovae.bench.spec import load_suite
 
     suite = None

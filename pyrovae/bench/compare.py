@@ -15,8 +15,8 @@ from typing import Iterable, List, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from pyrovae.bench.report import GROUP_COLUMNS, SUMMARY_METRICS, _add_labels, summarize
-from pyrovae.bench.runner import load_results
+from pyrovae.bench.report import GROUP_COLUMNS, SUMMARY_METRICS, add_labels, summarize
+from pyrovae.bench.results import load_results
 
 # The device is left out of the join by default: comparing a CPU run with a
 # GPU run of the same suite is a main use.
@@ -57,7 +57,7 @@ def compare_results(
             if s[c].dtype == object:
                 s[c] = s[c].fillna("")
     merged = sa.merge(sb, on=on, how="outer", suffixes=("_a", "_b"), sort=False)
-    labelled = _add_labels(merged.assign(**{c: "" for c in GROUP_COLUMNS if c not in on}))
+    labelled = add_labels(merged.assign(**{c: "" for c in GROUP_COLUMNS if c not in on}))
     rows: List[pd.DataFrame] = []
     for metric in metrics:
         va, vb = merged[f"{metric}_mean_a"], merged[f"{metric}_mean_b"]

@@ -21,7 +21,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from pyrovae.bench.runner import CELL_COLUMNS, METRIC_COLUMNS
+from pyrovae.bench.results import CELL_COLUMNS, METRIC_COLUMNS
 
 # Columns that identify a group of cells differing only by seed.
 GROUP_COLUMNS = [
@@ -95,7 +95,10 @@ def objective_label(row: pd.Series, with_k: bool = True) -> str:
     return f"{name} K={int(row['num_particles'])}" if with_k else name
 
 
-def _add_labels(frame: pd.DataFrame) -> pd.DataFrame:
+def add_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with the display labels the tables and plots group by:
+    ``model_label``, ``dataset_label``, ``objective_label``, ``objective_family``
+    and ``panel`` (model on data set)."""
     frame = frame.copy()
     if frame.empty:
         for c in ("model_label", "dataset_label", "objective_label", "objective_family", "panel"):
@@ -192,7 +195,7 @@ def results_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Display table: labels plus "mean ± sd" text for each metric with data."""
     if summary.empty:
         return pd.DataFrame()
-    labelled = _add_labels(summary)
+    labelled = add_labels(summary)
     table = pd.DataFrame({
         "objective": labelled["objective_family"],
         "K": [int(k) if m == "svi" else "" for k, m in zip(labelled["num_particles"], labelled["method"])],
@@ -265,7 +268,7 @@ def _short(text: str, n: int = 60) -> str:
 def plot_heldout(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Held-out log-likelihood (exact, else importance-sampled) and ELBO per
     objective, one panel per model, data set and budget; bars are ± 1 sd over seeds."""
-    s = _add_labels(summary)
+    s = add_labels(summary)
     metrics = ["test_elbo", "test_exact", "test_iwae", "test_predictive"]
     if s.empty or not any(s[f"{m}_mean"].notna().any() for m in metrics):
         return None
@@ -308,7 +311,7 @@ def plot_snr(summary: pd.DataFrame, path: Path, prefix: str = "grad") -> Optiona
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = _add_labels(summary)
+    s = add_labels(summary)
     if s.empty:
         return None
     columns = [f"{prefix}_encoder_snr", f"{prefix}_decoder_snr"]
@@ -356,7 +359,7 @@ def plot_snr(summary: pd.DataFrame, path: Path, prefix: str = "grad") -> Optiona
 def plot_bias(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Bias against the exact held-out log-likelihood: the trained objective's
     own value (solid) and the ELBO (dotted) minus exact, against K."""
-    s = _add_labels(summary)
+    s = add_labels(summary)
     panels = _by_k_panels(s, ["objective_gap", "elbo_gap"]) if not s.empty else []
     if not panels:
         return None
@@ -385,7 +388,7 @@ def plot_bias(summary: pd.DataFrame, path: Path) -> Optional[Path]:
 
 def plot_time(summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Milliseconds per training step per objective (± 1 sd over seeds)."""
-    s = _add_labels(summary)
+    s = add_labels(summary)
     if s.empty or not s["ms_per_step_mean"].notna().any():
         return None
     s = s[s["ms_per_step_mean"].notna()]
@@ -481,7 +484,7 @@ def write_report(
         "## Results",
         "",
     ]
-    labelled = _add_labels(summary)
+    labelled = add_labels(summary)
     for panel in dict.fromkeys(labelled["panel"]):
         part = summary[(labelled["panel"] == panel).to_numpy()]
         lines += [f"### {panel}", "", to_markdown(results_table(part)), ""]
@@ -498,7 +501,7 @@ def write_report(
             lines += [f"### {title}", "", f"![{title}]({filename})", ""]
     if len(failed):
         lines += ["## Failed cells", ""]
-        table = _add_labels(failed)[["cell_key", "panel", "objective_label", "budget", "seed", "error"]]
+        table = add_labels(failed)[["cell_key", "panel", "objective_label", "budget", "seed", "error"]]
         lines += [to_markdown(table), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -41,11 +41,18 @@ import importlib.util
 import inspect
 import itertools
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
+from pyrovae.pipeline import SKLEARN_MODELS, EvalSettings, sklearn_estimator
+from pyrovae.registry import builder_options, signature_options
 
 SUITE_KEYS = ("name", "description", "metrics", "eval")
 METRICS = ("elbo", "iwae", "exact", "objective", "gradients")
@@ -65,30 +72,6 @@ RUNNER_FIT_FIELDS = (
     "elbo", "num_particles", "vectorize_particles", "elbo_options", "epochs", "max_steps",
     "max_seconds", "seed", "eval_every", "eval_size", "checkpoint_dir", "resume", "progress",
 )
-# scikit-learn estimators standing in for pyrovae models under method = "sklearn".
-SKLEARN_MODELS = {
-    "fa": "sklearn.decomposition.FactorAnalysis",
-    "ppca": "sklearn.decomposition.PCA",
-    "gmm": "sklearn.mixture.GaussianMixture",
-}
-
-
-@dataclass
-class EvalSettings:
-    """How each trained cell is scored (``[suite.eval]``)."""
-
-    num_samples: int = 1000  # K of the importance-sampled held-out log-likelihood
-    max_points: int = 1000  # held-out (and training) points scored
-    elbo_particles: int = 1  # draws per point for the held-out ELBO
-    objective_repeats: int = 5  # evaluations of the trained objective averaged on held-out data
-    grad_draws: int = 20  # gradient estimates per gradient statistic
-    grad_batch: int = 100  # size of the fixed held-out batch the gradients are taken on
-    seed: int = 0  # seeds evaluation draws and the held-out binarization, same for every cell
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
 @dataclass
 class Cell:
     """One fully specified run: what is trained, on what, for how long, and how
@@ -349,63 +332,14 @@ def _named(p: _Problems, where: str, entry: Any) -> Tuple[Optional[str], Dict[st
     return None, {}
 
 
-def _parameters(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any], bool]:
-    """Keyword parameter names of ``fn``, their defaults, and whether it also
-    takes ``**kwargs``; names None when there is no signature to read."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None, {}, True
-    names, defaults, var_kw = [], {}, False
-    for name, param in sig.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            var_kw = True
-            continue
-        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
-            continue
-        if name in skip or name == "self":
-            continue
-        names.append(name)
-        if param.default is not inspect.Parameter.empty:
-            defaults[name] = param.default
-    return names, defaults, var_kw
-
-
-def signature_options(fn: Callable, skip: Sequence[str]) -> Tuple[Optional[List[str]], Dict[str, Any]]:
-    """Keyword options ``fn`` accepts (None when it takes ``**kwargs``) and their defaults."""
-    names, defaults, var_kw = _parameters(fn, skip)
-    return (None if var_kw else names), defaults
-
-
-def builder_options(build: Callable) -> Tuple[Optional[List[str]], Dict[str, Any]]:
-    """Options a ``MODELS`` entry accepts besides ``x_dim``, and their defaults.
-
-    A builder function that passes ``**options`` on to the class named by its
-    return annotation accepts its own parameters plus that class's; None
-    means the options cannot be known before the model is built.
-    """
-    names, defaults, var_kw = _parameters(build, skip=("x_dim",))
-    if names is None or not var_kw:
-        return names, defaults
-    try:
-        target = typing.get_type_hints(build).get("return")
-    except (NameError, TypeError):
-        return None, defaults
-    if not isinstance(target, type):
-        return None, defaults
-    cls_names, cls_defaults, cls_var_kw = _parameters(target, skip=("x_dim",))
-    if cls_names is None or cls_var_kw:
-        return None, defaults
-    return list(dict.fromkeys(names + cls_names)), {**cls_defaults, **defaults}
-
-
 def _registries():
     # Imported here so that ``pyrovae.bench`` loads without the whole package
     # and so the registries are as full as the installed extensions make them.
-    import pyrovae  # noqa: F401  (fills every registry)
+    # Each subpackage fills its own registry when imported (``pyrovae.infer``
+    # also registers pyrovae's own objectives in ``ELBOS``).
     from pyrovae.data import DATASETS
     from pyrovae.guides import GUIDES
-    from pyrovae.infer.objectives import ELBOS
+    from pyrovae.infer import ELBOS
     from pyrovae.models import MODELS
 
     return MODELS, GUIDES, ELBOS, DATASETS
@@ -674,14 +608,6 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         datasets=datasets, budgets=budgets, seeds=seeds, fit=fit_opts, em=em, sklearn=skl,
         device=device,
     )
-
-
-def sklearn_estimator(model: str) -> type:
-    """The scikit-learn estimator class standing in for ``model`` (``"fa"``,
-    ``"ppca"``, ``"gmm"``); imported only when asked for."""
-    module_name, cls_name = SKLEARN_MODELS[model].rsplit(".", 1)
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name)
 
 
 def _resolved_guide(model: str, options: Mapping[str, Any], guide: Optional[str]) -> str:

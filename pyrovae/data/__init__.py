@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyrovae.data.core import ArrayDataset, as_dataset
+from pyrovae.data.core import ArrayDataset, as_dataset, as_tensor
 from pyrovae.data.registry import DATASETS
 from pyrovae.data import images  # noqa: F401  (registers the image data sets)
 from pyrovae.data import tabular  # noqa: F401  (registers the tabular data sets)
@@ -18,4 +18,4 @@ def load_dataset(name: str, split: str = "train", **options: Any) -> ArrayDatase
     return DATASETS.get_checked(name)(split=split, **options)
 
 
-__all__ = ["ArrayDataset", "as_dataset", "DATASETS", "data_root", "load_csv", "load_dataset"]
+__all__ = ["ArrayDataset", "as_dataset", "as_tensor", "DATASETS", "data_root", "load_csv", "load_dataset"]

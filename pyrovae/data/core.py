@@ -1,15 +1,37 @@
-"""In-memory data sets and batching by index permutation.
+"""In-memory data sets, batching by index permutation, and the one rule for
+data entering pyrovae.
 
 A whole split is one tensor on the training device. Batches are slices taken
 through a random permutation, so the hot path has no per-sample Python work
 and no DataLoader transforms.
+
+Data in: :func:`as_tensor` is the single rule every entry point applies
+(``as_dataset`` for fit/evaluate, ``LatentModel.as_data`` for a model's own
+methods):
+
+- accepted: torch tensors, numpy arrays, pandas DataFrames and Series, and
+  nested lists/tuples of numbers;
+- bool, integer and floating values are converted to ``dtype`` (default
+  ``torch.get_default_dtype()``) on ``device`` (default: a tensor stays where
+  it is, anything else goes to the default device);
+- shape: (N, D) is N data points of D columns; a 1-D input is N scalar
+  observations and becomes (N, 1); more than 2 dimensions (images) are
+  flattened to (N, -1);
+- refused, with one line saying what is wrong and how to fix it: complex,
+  object, string, date or categorical values, scalars, ragged lists, empty data
+  (N = 0 or D = 0) and any other type (``ValueError`` for bad values or shapes,
+  ``TypeError`` for an unsupported type);
+- not checked here: NaN and infinite values (a model's ``check_data`` and
+  evaluation do that).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
+import numpy as np
+import pandas as pd
 import torch
 
 BINARIZE = (None, "dynamic", "static")
@@ -99,15 +121,156 @@ class ArrayDataset:
         return len(self) // bs if drop_last else -(-len(self) // bs)
 
 
-def as_dataset(data: "ArrayDataset | torch.Tensor", name: str = "") -> ArrayDataset:
-    """Accept a tensor wherever a data set is expected."""
-    if isinstance(data, ArrayDataset):
-        return data
+_ACCEPTED = "a torch.Tensor, numpy array, pandas DataFrame/Series or nested list of numbers"
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    try:
+        torch.iinfo(dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def _numeric_numpy(arr: np.ndarray, name: str, what: str) -> np.ndarray:
+    """``arr`` as a numpy array torch can take, or one clear error."""
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise ValueError(
+            f"{name}: expected real numbers, got {what} of complex dtype {arr.dtype}; "
+            "pass the real part, or real and imaginary parts as separate columns"
+        )
+    if kind not in "biuf":
+        raise ValueError(
+            f"{name}: expected numbers, got {what} of dtype {arr.dtype} (strings, dates or mixed "
+            "objects); convert it to numbers first, e.g. arr.astype(float), encoding or dropping "
+            "the non-numeric values"
+        )
+    if arr.dtype not in (np.float32, np.float64):  # bool, integers, float16, longdouble
+        arr = arr.astype(np.float64)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only memory
+        arr = arr.copy()
+    return arr
+
+
+def _pandas_to_numpy(data: Any, name: str) -> np.ndarray:
+    if isinstance(data, pd.Series):
+        frame = data.to_frame()
+        labels = ["a Series" if data.name is None else f"a Series {data.name!r}"]
+    else:
+        frame = data
+        labels = [f"a DataFrame column {column!r}" for column in frame.columns]
+    for what, dtype in zip(labels, frame.dtypes):
+        if pd.api.types.is_complex_dtype(dtype):
+            raise ValueError(
+                f"{name}: expected real numbers, got {what} of complex dtype {dtype}; "
+                "pass the real part, or real and imaginary parts as separate columns"
+            )
+        if not pd.api.types.is_numeric_dtype(dtype):
+            raise ValueError(
+                f"{name}: expected numbers, got {what} of dtype {dtype}; drop or encode "
+                "non-numeric columns (e.g. df.select_dtypes('number') or pd.get_dummies(df))"
+            )
+    # float64 holds every bool, integer and float32 value exactly; pandas'
+    # missing values (pd.NA) become NaN, which check_data reports.
+    arr = frame.to_numpy(dtype=np.float64, na_value=np.nan)
+    return arr if arr.flags.writeable else arr.copy()  # copy-on-write pandas hands out read-only views
+
+
+def as_tensor(
+    data: Any,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device | str] = None,
+    name: str = "data",
+) -> torch.Tensor:
+    """The one rule for data entering pyrovae: ``data`` as an (N, D) tensor.
+
+    Accepts torch tensors, numpy arrays, pandas DataFrames/Series and nested
+    lists of numbers. Bool, integer and floating values become ``dtype``
+    (default ``torch.get_default_dtype()``) on ``device`` (default: a tensor
+    stays on its device, other inputs go to the default device). A 1-D input
+    is N scalar observations, shape (N, 1); an input with more than two
+    dimensions (images) is flattened to (N, -1). Complex, object, string,
+    date or categorical values, scalars, ragged lists, empty data (N = 0 or
+    D = 0) and other types raise a one-line ``ValueError`` (``TypeError`` for
+    an unsupported type) saying what to do. NaN and inf are not checked here.
+
+    Args:
+        data: the data.
+        dtype: floating dtype of the result.
+        device: device of the result.
+        name: what the data is called in error messages.
+    """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     if isinstance(data, torch.Tensor):
-        x = data if data.is_floating_point() else data.float()
-        if x.dim() == 1:
-            x = x.unsqueeze(-1)
-        return ArrayDataset(x.reshape(len(x), -1), name=name)
-    raise TypeError(
-        f"expected a torch.Tensor of shape (N, D) or a pyrovae ArrayDataset, got {type(data).__name__}"
-    )
+        if data.dtype.is_complex:
+            raise ValueError(
+                f"{name}: expected real numbers, got a tensor of complex dtype {data.dtype}; "
+                "pass the real part (x.real), or real and imaginary parts as separate columns"
+            )
+        if data.is_quantized or not (data.dtype.is_floating_point or data.dtype == torch.bool
+                                     or _is_integer(data.dtype)):
+            raise ValueError(f"{name}: expected numbers, got a tensor of dtype {data.dtype}; "
+                             "convert it to a floating-point tensor first")
+        x = data
+    elif isinstance(data, (pd.DataFrame, pd.Series)):
+        x = torch.from_numpy(_pandas_to_numpy(data, name))
+    elif isinstance(data, np.ndarray):
+        x = torch.from_numpy(_numeric_numpy(data, name, "an array"))
+    elif isinstance(data, (list, tuple)):
+        try:
+            arr = np.asarray(data)
+        except ValueError:
+            raise ValueError(
+                f"{name}: the nested list is ragged (rows of different lengths); give every row "
+                "the same number of values"
+            ) from None
+        x = torch.from_numpy(_numeric_numpy(arr, name, "a nested list"))
+    else:
+        hint = ""
+        if isinstance(data, ArrayDataset):
+            hint = "; pass its tensor: data.x, or data.fixed(seed) when dynamically binarized"
+        raise TypeError(f"{name}: expected {_ACCEPTED}, got {type(data).__name__}{hint}")
+    if x.dim() == 0:
+        raise ValueError(
+            f"{name}: expected data of shape (N, D) or (N,), got a scalar; wrap one data point as [[value]]"
+        )
+    if x.numel() == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}); it needs at least one row (data point) "
+            "and one column"
+        )
+    if x.dim() == 1:
+        x = x.unsqueeze(-1)
+    elif x.dim() > 2:
+        x = x.reshape(x.shape[0], -1)
+    return x.to(dtype=dtype, device=device)
+
+
+def as_dataset(
+    data: Any,
+    name: str = "",
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device | str] = None,
+) -> ArrayDataset:
+    """Accept anything :func:`as_tensor` accepts wherever a data set is expected.
+
+    An :class:`ArrayDataset` is kept (labels, ``binarize`` and
+    ``image_shape`` included) and only converted to ``dtype``/``device`` when
+    they are given and differ. Otherwise ``data`` goes through
+    :func:`as_tensor`, with one difference for ``dtype=None``: a
+    floating-point torch tensor keeps its precision (a float64 tensor given to
+    a float64 program stays float64); numpy, pandas and list inputs, whose
+    float64 is usually incidental, become the default dtype.
+    """
+    if isinstance(data, ArrayDataset):
+        x = data.x.to(dtype=dtype or data.x.dtype, device=device or data.x.device)
+        if x is data.x:
+            return data
+        return replace(data, x=x, y=None if data.y is None else data.y.to(x.device))
+    if dtype is None and isinstance(data, torch.Tensor) and data.is_floating_point():
+        dtype = data.dtype
+    return ArrayDataset(as_tensor(data, dtype=dtype, device=device, name=name or "data"), name=name)

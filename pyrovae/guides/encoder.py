@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.guides import GUIDES
+from pyrovae.guides.registry import GUIDES
 from pyrovae.nn import MLP
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
-from pyrovae.guides import GUIDES
+from pyrovae.guides.registry import GUIDES
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """Objectives, training and evaluation."""
 
 from pyrovae.infer.objectives import ELBOS, make_objective
-from pyrovae.infer.fit import FitConfig, FitResult, fit
-from pyrovae.infer.evaluate import Evaluation, evaluate, log_importance_weights
+# pyrovae's own objectives register themselves in ELBOS when imported: this
+# package's import is what puts them there.
 from pyrovae.infer.iwae import IWAE, STL_ELBO
 from pyrovae.infer.beta import BetaELBO
+from pyrovae.infer.fit import FitConfig, FitResult, fit
+from pyrovae.infer.evaluate import Evaluation, evaluate, log_importance_weights
 from pyrovae.infer.diagnostics import gradient_stats
 
 __all__ = [

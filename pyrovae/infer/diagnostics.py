@@ -29,7 +29,7 @@ References
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -38,21 +38,11 @@ import torch
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.infer.objectives import make_objective
+from pyrovae.infer.program import split_programs
 from pyrovae.infer.traces import autograd_leaves, guide_leaves
 
 COLUMNS = ["group", "n_params", "mean_variance", "mean_abs_mean", "mean_snr", "median_snr",
            "num_draws"]
-
-
-def _programs(model: Any, guide: Optional[Callable]) -> Tuple[Callable, Callable]:
-    if guide is not None:
-        return model, guide
-    if callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None)):
-        return model.model, model.guide
-    raise TypeError(
-        "pass a model object with .model and .guide methods, or a Pyro model "
-        "callable together with guide=<guide callable>"
-    )
 
 
 def parameter_groups(
@@ -129,7 +119,7 @@ def gradient_stats(
         raise TypeError(
             f"objective must have Pyro's ELBO interface (loss_and_grads), got {type(objective)}"
         )
-    model_fn, guide_fn = _programs(model, guide)
+    model_fn, guide_fn = split_programs(model, guide)
 
     devices = [x.device.index or 0] if x.is_cuda else []
     with torch.random.fork_rng(devices=devices):

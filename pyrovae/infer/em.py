@@ -32,7 +32,7 @@ constrained maximizer of the M-step, so monotonicity holds.
 The log-likelihood per data point is computed from a square root U of S
 (U U^T = S, from its eigendecomposition) with the matrix determinant lemma and
 the same sum-of-squares form as
-:func:`pyrovae.models.linear.linear_gaussian_log_prob`:
+:func:`pyrovae.maths.linear.linear_gaussian_log_prob`:
 
 .. math::
 
@@ -62,7 +62,7 @@ from typing import Tuple, Union
 import pandas as pd
 import torch
 
-from pyrovae.models.linear import LinearGaussianParams, ppca_closed_form
+from pyrovae.maths.linear import LinearGaussianParams, ppca_closed_form
 
 
 @dataclass
@@ -158,7 +158,7 @@ def fit_linear_gaussian_em(
         init: ``"pca"`` (PPCA closed form; for factor analysis the noise is the
             variance left unexplained per dimension), ``"random"`` (Gaussian
             loadings drawn with ``seed``, noise = data variance), or explicit
-            :class:`~pyrovae.models.linear.LinearGaussianParams` (its ``loc``
+            :class:`~pyrovae.maths.linear.LinearGaussianParams` (its ``loc``
             is ignored: the maximum-likelihood mean is the sample mean).
         seed: seeds ``init="random"``.
         min_noise: floor on the noise variances.

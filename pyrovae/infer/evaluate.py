@@ -24,47 +24,33 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import pandas as pd
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.data.core import ArrayDataset, as_dataset
-from pyrovae.infer.fit import _module_of, _programs
+from pyrovae.infer.program import Program, data_placement, resolve
 from pyrovae.infer.traces import PARTICLE_PLATE, pointwise_log_prob, sample_log_weights
+from pyrovae.models.base import capability
+from pyrovae.seeding import seeded
 
 # Upper bound on (particles x data points x data dimension) held at once, which
 # keeps memory bounded for K = 5000 on a full test set.
 ELEMENT_BUDGET = 2**23
 
 
-def _weighting(model: Callable, guide: Callable, x: torch.Tensor) -> Tuple[int, List[str]]:
-    """One trace of guide and model: the deepest plate nesting of their sample
-    sites, and the latent sites that only the model samples and marks for
-    parallel enumeration (``infer={"enumerate": "parallel"}``), such as a
-    mixture assignment whose guide is empty."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    depth = 0
-    for trace in (guide_trace, model_trace):
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized and frame.dim is not None:
-                        depth = max(depth, -frame.dim)
-    enumerated = [
-        name for name, site in model_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes
-        and site["infer"].get("enumerate") == "parallel"
-    ]
-    return depth, enumerated
+def _program(model: Any, guide: Optional[Callable], x: torch.Tensor) -> Program:
+    """``model`` when it is already a resolved :class:`Program`, else read once."""
+    if isinstance(model, Program):
+        return model
+    return resolve(model, guide, x[:2])
 
 
 def _enumerated_log_weights(
@@ -131,8 +117,8 @@ def _enumerated_log_weights(
 
 
 def log_importance_weights(
-    model: Callable,
-    guide: Callable,
+    model: Any,
+    guide: Optional[Callable],
     x: torch.Tensor,
     num_samples: int,
     nesting: Optional[int] = None,
@@ -140,19 +126,23 @@ def log_importance_weights(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-data-point log weights from ``num_samples`` vectorized guide draws.
 
-    Returns ``(log_w, log_lik, log_ratio)``, each of shape (K, N):
-    ``log_w = log_lik + log_ratio`` with ``log_lik = log p(x_n | z_k)`` and
-    ``log_ratio = log p(z_k) - log q(z_k | x_n)``. Latent sites that only the
-    model samples are summed out exactly when marked for parallel enumeration
-    (``enumerate_sites``, detected when None); otherwise they are drawn from
-    their prior, which is then their proposal, so their densities cancel and
-    are left out. Every observed site and every latent site of the guide must
-    be inside ``pyro.plate("data", N)``.
+    ``model`` is a Pyro model callable (with ``guide``) or a resolved
+    :class:`~pyrovae.infer.program.Program`. Returns ``(log_w, log_lik,
+    log_ratio)``, each of shape (K, N): ``log_w = log_lik + log_ratio`` with
+    ``log_lik = log p(x_n | z_k)`` and ``log_ratio = log p(z_k) - log q(z_k |
+    x_n)``. Latent sites that only the model samples are summed out exactly
+    when marked for parallel enumeration (``enumerate_sites``, read from the
+    programs when None); otherwise they are drawn from their prior, which is
+    then their proposal, so their densities cancel and are left out. Every
+    observed site and every latent site of the guide must be inside
+    ``pyro.plate("data", N)``.
     """
     if nesting is None or enumerate_sites is None:
-        depth, enumerated = _weighting(model, guide, x[:2])
-        nesting = depth if nesting is None else nesting
-        enumerate_sites = bool(enumerated) if enumerate_sites is None else enumerate_sites
+        program = _program(model, guide, x)
+        nesting = program.max_plate_nesting if nesting is None else nesting
+        enumerate_sites = bool(program.enumerated) if enumerate_sites is None else enumerate_sites
+    if isinstance(model, Program):
+        model, guide = model.model, model.guide
     if enumerate_sites:
         return _enumerated_log_weights(model, guide, x, num_samples, nesting)
     with warnings.catch_warnings():
@@ -166,45 +156,82 @@ def log_importance_weights(
     return log_w, weights.log_lik, log_w - weights.log_lik
 
 
-def global_latent_sites(model: Callable, guide: Callable, x: torch.Tensor) -> List[str]:
-    """Names of the guide's latent sites outside the ``"data"`` plate: global
-    variables, such as the weights of a Bayesian model, shared by all points."""
-    with torch.no_grad(), poutine.block():
-        trace = poutine.trace(guide).get_trace(x)
-    return [
-        name for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        and not any(f.name == "data" for f in site["cond_indep_stack"])
-    ]
+def _local_log_weights(program: Program, x: torch.Tensor, num_samples: int,
+                       batch_size: int) -> torch.Tensor:
+    """log of (1/K) sum_k w_nk per data point, K = ``num_samples``, in chunks
+    of data points and of particles so memory stays bounded, shape (N,)."""
+    enumerate_sites = bool(program.enumerated)
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size]
+        chunk = max(1, min(num_samples, ELEMENT_BUDGET // max(1, xb.numel())))
+        lse = xb.new_full((xb.shape[0],), -math.inf)
+        done = 0
+        while done < num_samples:
+            k = min(chunk, num_samples - done)
+            log_w = log_importance_weights(program.model, program.guide, xb, k,
+                                           program.max_plate_nesting, enumerate_sites)[0]
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+            done += k
+        out.append(lse - math.log(num_samples))
+    return torch.cat(out)
+
+
+def _check_global_structure(program: Program, x: torch.Tensor) -> None:
+    """Refuse structures whose held-out density this module cannot compute right."""
+    if program.global_latents and program.prior_latents:
+        with poutine.block():
+            trace = poutine.trace(program.model).get_trace(x[:2])
+        outside = [n for n in program.prior_latents
+                   if not any(f.name == "data" for f in trace.nodes[n]["cond_indep_stack"])]
+        if outside:
+            raise ValueError(
+                f"model latent sites {outside} lie outside pyro.plate('data') and the guide "
+                "does not sample them: a held-out density needs the guide to sample every "
+                "global latent variable"
+            )
+
+
+def _conditioned(program: Program, values: Dict[str, torch.Tensor]) -> Program:
+    """The programs with the global latents fixed at ``values`` and hidden, so
+    that only per-data-point sites remain to be weighted."""
+    hide = list(values)
+    model = poutine.block(poutine.condition(program.model, data=values), hide=hide)
+    guide = poutine.block(poutine.condition(program.guide, data=values), hide=hide)
+    return replace(program, model=model, guide=guide, global_latents=())
 
 
 @torch.no_grad()
 def elbo_terms(
-    model: Callable,
-    guide: Callable,
+    model: Any,
+    guide: Optional[Callable],
     x: torch.Tensor,
     num_particles: int = 1,
     batch_size: int = 500,
-    num_data: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-data-point ELBO, reconstruction term E_q log p(x | z) and KL term
     E_q [log q(z | x) - log p(z)], each of shape (N,).
 
-    With global latent variables the ELBO does not split over data points:
-    then ``elbo`` holds one value, the whole-batch ELBO divided by ``num_data``
-    (the size the model's data plate scales to) or by N, and the two terms are
-    NaN.
+    ``model`` is a model object or callable (with ``guide``), or a resolved
+    :class:`~pyrovae.infer.program.Program`. With global latent variables the
+    ELBO does not split over data points: then ``elbo`` holds one value, the
+    whole-batch ELBO divided by the number of points the data plate scales to
+    (the model's ``num_data``, else N), and the two terms are NaN.
     """
-    if global_latent_sites(model, guide, x[:2]):
-        loss = Trace_ELBO(num_particles=num_particles).loss(model, guide, x)
+    program = _program(model, guide, x)
+    if program.global_latents:
+        loss = Trace_ELBO(num_particles=num_particles,
+                          max_plate_nesting=program.max_plate_nesting).loss(
+            program.model, program.guide, x)
         nan = x.new_full((1,), math.nan)
-        return {"elbo": x.new_full((1,), -loss / (num_data or x.shape[0])), "recon": nan, "kl": nan}
-    nesting, enumerated = _weighting(model, guide, x[:2])
-    enumerate_sites = bool(enumerated)
+        return {"elbo": x.new_full((1,), -loss / (program.num_data or x.shape[0])),
+                "recon": nan, "kl": nan}
+    enumerate_sites = bool(program.enumerated)
     parts: Dict[str, list] = {"elbo": [], "recon": [], "kl": []}
     for start in range(0, x.shape[0], batch_size):
         log_w, log_lik, log_ratio = log_importance_weights(
-            model, guide, x[start : start + batch_size], num_particles, nesting, enumerate_sites
+            program.model, program.guide, x[start : start + batch_size], num_particles,
+            program.max_plate_nesting, enumerate_sites,
         )
         parts["elbo"].append(log_w.mean(0))
         parts["recon"].append(log_lik.mean(0))
@@ -214,55 +241,68 @@ def elbo_terms(
 
 @torch.no_grad()
 def posterior_predictive_log_density(
-    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int = 100
+    model: Any,
+    guide: Optional[Callable],
+    x: torch.Tensor,
+    num_samples: int = 100,
+    local_samples: int = 100,
+    batch_size: int = 100,
 ) -> torch.Tensor:
-    """Per-data-point log (1/S) sum_s p(x_n | theta_s) with theta_s ~ q, for
-    models whose guide samples global variables theta, shape (N,).
+    """Per-data-point posterior predictive log-density of a model with global
+    latent variables theta, shape (N,):
 
-    Observed sites must be inside the ``"data"`` plate. Local latent variables
-    that only the model samples are drawn from their prior, so each term is an
-    unbiased one-draw estimate of p(x_n | theta_s).
+    .. math::
+
+        \\log \\frac{1}{S} \\sum_s \\hat p(x_n \\mid \\theta_s), \\qquad
+        \\theta_s \\sim q(\\theta),
+
+    where p-hat(x_n | theta_s) integrates the local latent variables z_n:
+    exactly when there are none or they are enumerated, else by importance
+    sampling with ``local_samples`` draws z_nk ~ q(z_n | x_n, theta_s)
+    (model-only local latents are drawn from their prior),
+    p-hat = (1/K) sum_k p(x_n, z_nk | theta_s) / q(z_nk | x_n, theta_s).
+    Each p-hat is unbiased for p(x_n | theta_s), so the average over draws is
+    unbiased for the predictive density; its log is a consistent estimate
+    that errs low for small S and K, like every importance-sampled bound.
+    Drawing z_n from q without the weight would instead score p(x_n | z_n),
+    which overstates the density of every point.
     """
+    program = _program(model, guide, x)
+    if not program.global_latents:
+        raise ValueError(
+            "the guide samples no latent variable outside pyro.plate('data'); use "
+            "importance_log_likelihood for models with local latent variables only"
+        )
+    _check_global_structure(program, x)
+    local = bool(program.local_latents or program.prior_latents)
+    k = local_samples if local else 1
     draws = []
     for _ in range(num_samples):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = prune_subsample_sites(
-            poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-        )
-        model_trace.compute_log_prob()
-        total = x.new_zeros(x.shape[0])
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and site["is_observed"]:
-                total = total + pointwise_log_prob(name, site, "data", PARTICLE_PLATE)[0]
-        draws.append(total)
+        with poutine.block():
+            guide_trace = poutine.trace(program.guide).get_trace(x)
+        values = {name: guide_trace.nodes[name]["value"] for name in program.global_latents}
+        draws.append(_local_log_weights(_conditioned(program, values), x, k, batch_size))
     return torch.logsumexp(torch.stack(draws), 0) - math.log(num_samples)
 
 
 @torch.no_grad()
 def importance_log_likelihood(
-    model: Callable,
-    guide: Callable,
+    model: Any,
+    guide: Optional[Callable],
     x: torch.Tensor,
     num_samples: int = 1000,
     batch_size: int = 100,
 ) -> torch.Tensor:
     """Per-data-point importance-sampled log-likelihood (the K-sample IWAE
     bound), computed in chunks of particles so memory stays bounded."""
-    nesting, enumerated = _weighting(model, guide, x[:2])
-    enumerate_sites = bool(enumerated)
-    out = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size]
-        chunk = max(1, min(num_samples, ELEMENT_BUDGET // max(1, xb.numel())))
-        lse = xb.new_full((xb.shape[0],), -math.inf)
-        done = 0
-        while done < num_samples:
-            k = min(chunk, num_samples - done)
-            log_w = log_importance_weights(model, guide, xb, k, nesting, enumerate_sites)[0]
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-            done += k
-        out.append(lse - math.log(num_samples))
-    return torch.cat(out)
+    program = _program(model, guide, x)
+    if program.global_latents:
+        raise ValueError(
+            f"the guide samples global latent variables {list(program.global_latents)} "
+            "(outside pyro.plate('data')): a per-data-point importance-sampled likelihood "
+            "does not exist; use posterior_predictive_log_density"
+        )
+    return _local_log_weights(program, x, num_samples, batch_size)
 
 
 @dataclass
@@ -311,63 +351,81 @@ def evaluate(
     batch_size: int = 100,
     max_points: Optional[int] = None,
     seed: int = 0,
+    local_samples: int = 100,
 ) -> Evaluation:
     """Evaluate a trained model on held-out data.
 
     Args:
         model: model object (with ``model``/``guide``) or Pyro model callable.
-        data: held-out data; dynamically binarized data is binarized once with
-            ``seed`` so repeated evaluations see the same bits.
+        data: held-out data (tensor, numpy array, DataFrame or ArrayDataset),
+            converted to the model's dtype; dynamically binarized data is
+            binarized once with ``seed`` so repeated evaluations see the same bits.
         guide: guide callable when ``model`` is a bare callable.
-        num_samples: K for the importance-sampled log-likelihood (0 skips it).
+        num_samples: K for the importance-sampled log-likelihood; for models
+            with global latents, the number S of posterior draws of the
+            posterior predictive density (0 skips it).
         elbo_particles: draws per data point for the ELBO estimate.
         max_points: evaluate only the first ``max_points`` points.
         seed: seeds every draw; global RNG state is restored afterwards.
+        local_samples: for models with global and local latents, the
+            importance samples of the local latents inside each posterior draw.
+
+    The log-likelihood reported is, in this order of preference: the model's
+    exact ``log_marginal``; for models with global latents, the model's own
+    ``log_predictive`` or the generic posterior predictive density (local
+    latents importance-weighted inside each draw); else the
+    importance-sampled estimate. ``log_likelihood_method`` says which.
     """
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    data = as_dataset(data, "test")
-    model_fn, guide_fn = _programs(model, guide)
-    module = _module_of(model)
-    if module is not None:
-        module.eval()
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 0:
+        raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
+    for name, value in (("elbo_particles", elbo_particles), ("batch_size", batch_size),
+                        ("local_samples", local_samples)):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_points is not None and (int(max_points) != max_points or max_points < 1):
+        raise ValueError(f"max_points must be an integer >= 1 or None, got {max_points!r}")
+    dtype, device = data_placement(model, data)
+    data = as_dataset(data, "test", dtype=dtype, device=device)
     x = data.fixed(seed)
     if max_points is not None:
         x = x[:max_points]
+    check_data = capability(model, "check_data")
+    if check_data is not None:
+        check_data(x)
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        is_global = bool(global_latent_sites(model_fn, guide_fn, x[:2]))
-        terms = elbo_terms(model_fn, guide_fn, x, elbo_particles,
-                           num_data=getattr(model, "num_data", None))
+    with seeded(seed, x.device), torch.no_grad():
+        program = resolve(model, guide, x[:2])
+        program.eval()
+        is_global = program.has_global_latents
+        terms = elbo_terms(program, None, x, elbo_particles)
         elbo, elbo_se = _mean_se(terms["elbo"])
         iwae, iwae_se = float("nan"), float("nan")
         if is_global and num_samples > 0:
-            # Global latents: the held-out density is the posterior predictive
-            # (1/S) sum_s p(x | theta_s), theta_s ~ q, per data point; a model's
-            # own log_predictive (with z summed out exactly) is preferred.
-            predictive = getattr(model, "log_predictive", None)
-            if callable(predictive):
+            predictive = capability(model, "log_predictive")
+            if predictive is not None:
                 values = predictive(x, num_samples=num_samples)
             else:
-                values = posterior_predictive_log_density(model_fn, guide_fn, x, num_samples)
+                values = posterior_predictive_log_density(
+                    program, None, x, num_samples, local_samples, batch_size)
             iwae, iwae_se = _mean_se(values)
         elif num_samples > 0:
             iwae, iwae_se = _mean_se(
-                importance_log_likelihood(model_fn, guide_fn, x, num_samples, batch_size)
+                importance_log_likelihood(program, None, x, num_samples, batch_size)
             )
         exact, exact_se = float("nan"), float("nan")
-        log_marginal = getattr(model, "log_marginal", None)
-        if callable(log_marginal):
+        log_marginal = capability(model, "log_marginal")
+        if log_marginal is not None:
             exact, exact_se = _mean_se(log_marginal(x))
         recon_error = float("nan")
-        reconstruct = getattr(model, "reconstruct", None)
-        if callable(reconstruct):
+        reconstruct = capability(model, "reconstruct")
+        if reconstruct is not None:
             recon_error = (reconstruct(x) - x).pow(2).sum(-1).mean().item()
     if not math.isnan(exact):
         ll, ll_se, method = exact, exact_se, "exact"
     elif is_global:
-        ll, ll_se, method = iwae, iwae_se, f"posterior predictive (S={num_samples})"
+        local = program.local_latents or program.prior_latents
+        detail = f", K={local_samples}" if local and capability(model, "log_predictive") is None else ""
+        ll, ll_se, method = iwae, iwae_se, f"posterior predictive (S={num_samples}{detail})"
     else:
         ll, ll_se, method = iwae, iwae_se, f"importance (K={num_samples})"
     return Evaluation(

@@ -1,10 +1,18 @@
 """Training: stochastic variational inference over epochs, with checkpoints.
 
 ``fit`` runs any objective from :mod:`pyrovae.infer.objectives` (Pyro's ELBOs or
-pyrovae's own) on a model object or on a pair of Pyro callables. Parameters are
-found the way :class:`pyro.infer.SVI` finds them, as ``param`` sites in a trace,
-together with the model object's own ``nn.Module`` parameters, and a plain
-``torch.optim`` optimizer updates them. The result is returned, not printed.
+pyrovae's own) on a model object or on a pair of Pyro callables.
+:func:`pyrovae.infer.program.resolve` reads the programs once: their
+parameters (the model object's ``nn.Module`` parameters and every ``param``
+site, as :class:`pyro.infer.SVI` finds them), plate nesting, and the model's
+own objective, used when none is named. A plain ``torch.optim`` optimizer
+updates the parameters. The result is returned, not printed.
+
+Seeds: ``seed`` decides the order of the batches, every draw the programs
+make and the initial value of every ``pyro.param`` created during the run. A
+module's weights were drawn when it was built, before ``fit``: build it with
+:func:`pyrovae.build_model` (``seed=``) or inside :func:`pyrovae.seeded` to
+make them reproducible too, as ``pyrovae train`` and suite cells do.
 """
 
 from __future__ import annotations
@@ -14,17 +22,17 @@ import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import pandas as pd
-import pyro
-import pyro.poutine as poutine
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from pyrovae.data.core import ArrayDataset, as_dataset
 from pyrovae.infer.objectives import make_objective
+from pyrovae.infer.program import data_placement, resolve
+from pyrovae.models.base import capability
+from pyrovae.seeding import derive_seed, seeded
 
 CHECKPOINT_FORMAT = 1
 OPTIMIZERS = {
@@ -42,7 +50,7 @@ HISTORY_COLUMNS = [
 class FitConfig:
     """Everything that decides a training run; stored in every checkpoint."""
 
-    elbo: Any = "Trace_ELBO"  # objective name in ELBOS, or an ELBO object
+    elbo: Any = None  # objective name in ELBOS or an ELBO object (None: the model's default_elbo)
     num_particles: int = 1  # samples per data point in each gradient estimate
     vectorize_particles: bool = False  # draw the particles in one batched pass
     elbo_options: Dict[str, Any] = field(default_factory=dict)  # extra objective kwargs
@@ -52,7 +60,7 @@ class FitConfig:
     batch_size: int = 128  # data points per step; the last partial batch is dropped
     lr: float = 1e-3  # learning rate
     optimizer: str = "adam"  # one of OPTIMIZERS
-    seed: int = 0  # seeds batching and every Pyro draw of the run
+    seed: int = 0  # seeds batching, every Pyro draw and lazily created pyro.param values
     eval_every: int = 1  # epochs between held-out evaluations (0: never)
     eval_size: int = 2000  # held-out points used in those evaluations
     checkpoint_dir: Optional[str] = None  # where checkpoint.pt goes (None: nowhere)
@@ -100,60 +108,6 @@ class FitResult:
     @property
     def final(self) -> pd.Series:
         return self.history.iloc[-1]
-
-
-def _programs(model: Any, guide: Optional[Callable]) -> Tuple[Callable, Callable]:
-    if guide is not None:
-        if not callable(guide):
-            raise TypeError(f"guide must be callable, got {type(guide).__name__}")
-        fn = model.model if hasattr(model, "model") and not callable(model) else model
-        return fn, guide
-    if hasattr(model, "model") and hasattr(model, "guide"):
-        return model.model, model.guide
-    raise TypeError(
-        "pass a model object with model(x) and guide(x) methods, "
-        "or a Pyro model callable together with guide=..."
-    )
-
-
-def _collect_params(
-    model_obj: Any, model_fn: Callable, guide_fn: Callable, x: torch.Tensor
-) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
-    """Trainable tensors (module parameters plus ``pyro.param`` sites) and the
-    store-only ones by name, which checkpoints save separately."""
-    with torch.no_grad(), poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide_fn).get_trace(x)
-        poutine.replay(model_fn, trace=guide_trace)(x)
-    module_params: List[torch.Tensor] = []
-    for obj in (model_obj, guide_fn, model_fn):
-        target = getattr(obj, "__self__", obj)
-        if isinstance(target, nn.Module):
-            module_params += list(target.parameters())
-    seen = {id(p) for p in module_params}
-    params = list(module_params)
-    store_only: Dict[str, torch.Tensor] = {}
-    for name, site in capture.trace.nodes.items():
-        p = site["value"].unconstrained()
-        if id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-            store_only[name] = p
-    params = [p for p in params if p.requires_grad]
-    # Deduplicate modules that appear twice (model_obj and its bound methods).
-    unique: Dict[int, torch.Tensor] = {}
-    for p in params:
-        unique.setdefault(id(p), p)
-    if not unique:
-        raise ValueError(
-            "found no trainable parameters: register modules with pyro.module (or "
-            "LatentModel.register) or use pyro.param inside model/guide"
-        )
-    return list(unique.values()), store_only
-
-
-def _module_of(model_obj: Any) -> Optional[nn.Module]:
-    target = getattr(model_obj, "__self__", model_obj)
-    return target if isinstance(target, nn.Module) else None
 
 
 def _loss_and_grads(objective: Any, model_fn: Callable, guide_fn: Callable, x: torch.Tensor) -> float:
@@ -216,7 +170,7 @@ def fit(
         (E_q log q(z | x) - log p(z)), all in nats per data point, and
         cumulative training ``seconds`` (evaluation time excluded).
     """
-    from pyrovae.infer.evaluate import elbo_terms  # evaluate imports fit's helpers
+    from pyrovae.infer.evaluate import elbo_terms  # evaluate builds on fit's results
 
     config = config or FitConfig()
     if overrides:
@@ -225,30 +179,36 @@ def fit(
         if unknown:
             raise ValueError(f"unknown fit options {unknown}; valid: {sorted(valid)}")
         config = replace(config, **overrides)
-    train = as_dataset(train, "train")
-    test = None if test is None else as_dataset(test, "test")
-    model_fn, guide_fn = _programs(model, guide)
-    if hasattr(model, "check_data"):
-        model.check_data(train.x[:1000] if train.binarize != "dynamic" else train.fixed()[:1000])
-    objective = (
-        make_objective(config.elbo, config.num_particles, config.vectorize_particles,
-                       **config.elbo_options)
-        if isinstance(config.elbo, str)
-        else config.elbo
-    )
-    module = _module_of(model)
+    dtype, device = data_placement(model, train)
+    train = as_dataset(train, "train", dtype=dtype, device=device)
+    test = None if test is None else as_dataset(test, "test", dtype=dtype, device=device)
+    if train.dim != (test.dim if test is not None else train.dim):
+        raise ValueError(f"train data has {train.dim} columns but test data has {test.dim}")
+    check_data = capability(model, "check_data")
+    if check_data is not None:
+        check_data(train.x[:1000] if train.binarize != "dynamic" else train.fixed()[:1000])
     ckpt_path = None
     if config.checkpoint_dir:
         Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt_path = Path(config.checkpoint_dir) / "checkpoint.pt"
     steps_per_epoch = train.steps_per_epoch(config.batch_size)
     test_x = None if test is None else test.fixed(seed=config.seed)[: config.eval_size]
-    num_data = getattr(model, "num_data", None)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded(config.seed, train.x.device):
         gen = torch.Generator(device=train.x.device).manual_seed(config.seed)
-        params, store_only = _collect_params(model, model_fn, guide_fn, train.x[: config.batch_size])
+        program = resolve(model, guide, train.x[: config.batch_size], require_params=True)
+        model_fn, guide_fn, module = program.model, program.guide, program.module
+        params, store_only = list(program.params), program.store_params
+        num_data = program.num_data
+        if config.elbo is None:
+            config = replace(config, elbo=program.default_elbo)
+        objective = (
+            make_objective(config.elbo, config.num_particles, config.vectorize_particles,
+                           **{"max_plate_nesting": program.max_plate_nesting,
+                              **config.elbo_options})
+            if isinstance(config.elbo, str)
+            else config.elbo
+        )
         optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
         history: List[Dict[str, Any]] = []
         epoch, step, seconds = 0, 0, 0.0
@@ -274,8 +234,7 @@ def fit(
         start_step = step
         out_of_time = False
         while epoch < config.epochs and step < total and not out_of_time:
-            if module is not None:
-                module.train()
+            program.train()
             t0 = time.perf_counter()
             losses, sizes = [], []
             for xb in train.batches(config.batch_size, gen):
@@ -317,9 +276,11 @@ def fit(
             }
             last = epoch >= config.epochs or step >= total or out_of_time
             if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
-                if module is not None:
-                    module.eval()
-                terms = elbo_terms(model_fn, guide_fn, test_x, num_data=num_data)
+                program.eval()
+                # Evaluation draws from its own stream: whether and how often
+                # the held-out ELBO is computed never changes the training.
+                with seeded(derive_seed(config.seed, epoch), train.x.device):
+                    terms = elbo_terms(program, None, test_x)
                 row.update({f"test_{k}": v.mean().item() for k, v in terms.items()})
                 bar.set_postfix(elbo=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
             history.append(row)
@@ -328,6 +289,9 @@ def fit(
                     "format": CHECKPOINT_FORMAT,
                     "model_state": module.state_dict() if module is not None else {},
                     "model_name": type(module).__name__ if module is not None else None,
+                    # What load_run needs to rebuild a registered model.
+                    "model_class": (f"{type(module).__module__}.{type(module).__qualname__}"
+                                    if module is not None else None),
                     "model_config": module.config() if hasattr(module, "config") else {},
                     "param_store": {k: v.detach().clone() for k, v in store_only.items()},
                     "optimizer": optim.state_dict(),
@@ -339,8 +303,7 @@ def fit(
                     "config": config.to_dict(),
                 })
         bar.close()
-    if module is not None:
-        module.eval()
+    program.eval()
     return FitResult(
         model=model, guide=guide_fn, history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
         config=config, objective=objective, checkpoint=ckpt_path, steps=step,

@@ -7,11 +7,15 @@ guide, *args)`` (a float, the negative ELBO summed over the batch) and
 in every parameter the programs touch). ``fit`` and the benchmark suites need
 nothing more, so any Pyro ELBO and any objective written against that interface
 trains any model.
+
+pyrovae's own objectives (:mod:`pyrovae.infer.iwae`, :mod:`pyrovae.infer.beta`)
+import ``ELBOS`` from here and register themselves; ``pyrovae.infer`` imports
+them, so they are registered whenever any part of ``pyrovae.infer`` is loaded.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pyro.infer as infer
 
@@ -75,9 +79,17 @@ ELBOS.register("RenyiELBO")(_pyro_elbo(infer.RenyiELBO))
 
 
 def make_objective(
-    name: str, num_particles: int = 1, vectorize_particles: bool = False, **options: Any
+    name: str,
+    num_particles: int = 1,
+    vectorize_particles: bool = False,
+    max_plate_nesting: Optional[int] = None,
+    **options: Any,
 ):
     """Build the objective registered as ``name``.
+
+    ``max_plate_nesting`` is the plate depth found by
+    :func:`pyrovae.infer.program.resolve`; given, the objective does not have
+    to guess it by running the programs on its first call.
 
     Raises ``ValueError`` naming the known objectives when ``name`` is unknown,
     and when the options do not fit the objective.
@@ -85,14 +97,11 @@ def make_objective(
     factory = ELBOS.get_checked(name)
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    if max_plate_nesting is not None:
+        options.setdefault("max_plate_nesting", max_plate_nesting)
     try:
         return factory(
             num_particles=num_particles, vectorize_particles=vectorize_particles, **options
         )
     except TypeError as err:
         raise ValueError(f"bad options for objective {name!r}: {err}") from None
-
-
-# pyrovae's own objectives register themselves on import; they import ELBOS
-# from this module, so these imports come after its definition.
-from pyrovae.infer import beta, iwae  # noqa: E402,F401

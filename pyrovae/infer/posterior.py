@@ -27,7 +27,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae.data.core import ArrayDataset, as_dataset
-from pyrovae.infer.fit import _programs
+from pyrovae.infer.program import split_programs
 
 DATA_PLATE = "data"
 
@@ -97,7 +97,7 @@ def to_inference_data(
         raise ValueError("data is required: the guide and model are called as guide(x) and model(x)")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    model_fn, guide_fn = _programs(model, guide)
+    model_fn, guide_fn = split_programs(model, guide)
     x = as_dataset(data, "data").fixed(seed)
     draws: Dict[str, List[torch.Tensor]] = {}
     loglik: Dict[str, List[torch.Tensor]] = {}

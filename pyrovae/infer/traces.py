@@ -56,10 +56,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.score_parts import ScoreParts
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.enum import get_importance_trace
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match, check_site_shape
 
 #: Name of the plate Pyro's ``ELBO(vectorize_particles=True)`` wraps around
 #: model and guide; :func:`pointwise_log_weights` keeps its dimension.
@@ -117,9 +116,10 @@ def importance_traces(
 ) -> Tuple[Trace, Trace]:
     """Run ``guide``, replay ``model`` against it, and compute log-probabilities.
 
-    Like :func:`pyro.infer.enum.get_importance_trace` with ``graph_type="flat"``:
-    both traces come back without subsample sites, with ``log_prob`` and
-    ``log_prob_sum`` at every sample site and ``score_parts`` at the guide's.
+    Pyro's :func:`pyro.infer.enum.get_importance_trace` with
+    ``graph_type="flat"`` does the work: both traces come back without
+    subsample sites, with ``log_prob`` and ``log_prob_sum`` at every sample
+    site and ``score_parts`` at the guide's.
 
     With ``path_derivative=True`` every guide site's ``log_prob``,
     ``log_prob_sum`` and ``score_parts`` are replaced by a tensor with the same
@@ -129,13 +129,12 @@ def importance_traces(
     parameters flows through z alone. Every guide site must then be
     reparameterized.
     """
-    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        *args, **kwargs
+    # The guide runs inside a second tracer that keeps its subsample sites,
+    # so the path-derivative re-run below sees the same mini-batch.
+    recorder = poutine.trace(guide)
+    model_trace, guide_trace = get_importance_trace(
+        "flat", max_plate_nesting, model, recorder, args, kwargs
     )
-    if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-
     score_trace = None
     if path_derivative:
         for name, site in _sample_sites(guide_trace):
@@ -146,21 +145,11 @@ def importance_traces(
                     "every guide site to be reparameterized. Use Trace_ELBO / "
                     "TraceGraph_ELBO for discrete latents."
                 )
-        # Replaying the guide with its subsample sites keeps the same minibatch.
         score_trace = poutine.trace(
-            poutine.replay(guide, trace=_detached_values(guide_trace))
+            poutine.replay(guide, trace=_detached_values(recorder.trace))
         ).get_trace(*args, **kwargs)
         score_trace = prune_subsample_sites(score_trace)
         score_trace.compute_log_prob()
-
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
-    if is_validation_enabled():
-        for trace in (model_trace, guide_trace):
-            for _, site in _sample_sites(trace):
-                check_site_shape(site, max_plate_nesting)
 
     if score_trace is not None:
         for name, site in _sample_sites(guide_trace):

@@ -3,13 +3,18 @@
 Each registry entry is a callable ``build(x_dim, **options) -> LatentModel``.
 """
 
-from pyrovae.registry import Registry
+from pyrovae.models.registry import MODELS
+from pyrovae.models.base import (
+    CAPABILITIES,
+    Capability,
+    LatentModel,
+    capability,
+    default_elbo,
+    num_data,
+)
+# Each family's file registers its models in MODELS when imported.
+from pyrovae.models.vae import VAE
+from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis
+from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture
 
-MODELS = Registry("model")
-
-from pyrovae.models.base import LatentModel  # noqa: E402
-from pyrovae.models.vae import VAE  # noqa: E402
-from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis  # noqa: E402
-from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture  # noqa: E402
-
-__all__ = ["MODELS", "LatentModel", "VAE", "FactorAnalysis", "PPCA", "BayesianFactorAnalysis", "GaussianMixture", "BayesianGaussianMixture"]
+__all__ = ["MODELS", "LatentModel", "CAPABILITIES", "Capability", "capability", "default_elbo", "num_data", "VAE", "FactorAnalysis", "PPCA", "BayesianFactorAnalysis", "GaussianMixture", "BayesianGaussianMixture"]

@@ -24,7 +24,8 @@ whose mean is the (Thomson/Bartlett regression) factor score. Both are computed
 through the K x K matrix M only: the matrix determinant lemma gives
 log det C = log det M + sum_d log psi_d and Woodbury's identity gives
 C^{-1} = Psi^{-1} - Psi^{-1} W M^{-1} W^T Psi^{-1}, so no D x D matrix is ever
-formed or inverted.
+formed or inverted. These closed forms live in :mod:`pyrovae.maths.linear`,
+beneath both this module and the EM of :mod:`pyrovae.infer.em`.
 
 The exact posterior lies in the family of the amortized linear-Gaussian guide
 (``pyrovae.guides.linear``), so SVI with that guide can make the ELBO tight;
@@ -47,9 +48,7 @@ References
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -57,148 +56,19 @@ import torch
 from torch import nn
 
 from pyrovae.guides import GUIDES, encoder_distribution
-from pyrovae.models import MODELS
+from pyrovae.infer.em import fit_linear_gaussian_em
+from pyrovae.maths.linear import (
+    LinearGaussianParams,
+    linear_gaussian_log_prob,
+    linear_gaussian_posterior,
+    posterior_map,
+    ppca_closed_form,
+    varimax,
+)
 from pyrovae.models.base import LatentModel
+from pyrovae.models.registry import MODELS
 
 NOISE = ("diagonal", "isotropic")
-
-
-# -- closed-form mathematics on plain tensors ------------------------------------
-@dataclass
-class LinearGaussianParams:
-    """Parameters of x = W z + mu + eps, eps ~ N(0, diag(noise)).
-
-    Attributes:
-        loc: mu, shape (D,).
-        weight: W, shape (D, K).
-        noise: the diagonal of Psi (variances), shape (D,).
-    """
-
-    loc: torch.Tensor
-    weight: torch.Tensor
-    noise: torch.Tensor
-
-    def covariance(self) -> torch.Tensor:
-        """The dense marginal covariance W W^T + Psi (D x D), for checks and plots."""
-        return self.weight @ self.weight.T + torch.diag(self.noise)
-
-
-def _capacitance_cholesky(weight: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factor L of M = I + W^T Psi^{-1} W, and Psi^{-1} W."""
-    w_over_psi = weight / noise.unsqueeze(-1)
-    m = weight.T @ w_over_psi
-    m = m + torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    return torch.linalg.cholesky(m), w_over_psi
-
-
-def linear_gaussian_log_prob(
-    x: torch.Tensor, loc: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor
-) -> torch.Tensor:
-    """log N(x; loc, W W^T + diag(noise)) per row of ``x``, shape (N,).
-
-    Uses the matrix determinant lemma for log det C and, for the quadratic
-    form, the identity
-
-    .. math::
-
-        r^\top C^{-1} r = \min_z\, (r - W z)^\top \Psi^{-1} (r - W z) + z^\top z
-        = (r - W \bar z)^\top \Psi^{-1} (r - W \bar z) + \bar z^\top \bar z,
-
-    with r = x - mu and z-bar = E[z | x] the posterior mean. It is a sum of
-    non-negative terms, unlike the textbook Woodbury form
-    r^T Psi^{-1} r - |L^{-1} W^T Psi^{-1} r|^2, which cancels catastrophically
-    when some noise variances are tiny; and since z-bar is a minimizer,
-    rounding errors in it enter only to second order. Cost O(N D K + D K^2),
-    with only a K x K Cholesky factor.
-    """
-    d = x.shape[-1]
-    chol, w_over_psi = _capacitance_cholesky(weight, noise)
-    r = x - loc
-    z_bar = torch.cholesky_solve((r @ w_over_psi).unsqueeze(-1), chol).squeeze(-1)
-    resid = r - z_bar @ weight.T
-    maha = (resid * resid / noise).sum(-1) + z_bar.pow(2).sum(-1)
-    log_det = 2.0 * torch.diagonal(chol).log().sum() + noise.log().sum()
-    return -0.5 * (d * math.log(2 * math.pi) + log_det + maha)
-
-
-def linear_gaussian_posterior(
-    x: torch.Tensor, loc: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor
-) -> dist.MultivariateNormal:
-    """Exact p(z | x) = N(M^{-1} W^T Psi^{-1} (x - mu), M^{-1}), batch shape (N,)."""
-    chol, w_over_psi = _capacitance_cholesky(weight, noise)
-    cov = torch.cholesky_inverse(chol)
-    mean = (x - loc) @ w_over_psi @ cov  # cov is symmetric, so this is (M^{-1} W^T Psi^{-1} r)^T
-    return dist.MultivariateNormal(mean, scale_tril=torch.linalg.cholesky(cov))
-
-
-def posterior_map(
-    loc: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact posterior as an affine map: E[z | x] = A x + b, Cov = S S^T.
-
-    Returns ``(A, b, S)`` with A (K, D), b (K,), S (K, K) lower triangular;
-    these are the parameters at which the linear-Gaussian guide is exact.
-    """
-    chol, w_over_psi = _capacitance_cholesky(weight, noise)
-    cov = torch.cholesky_inverse(chol)
-    a = cov @ w_over_psi.T
-    return a, -(a @ loc), torch.linalg.cholesky(cov)
-
-
-def ppca_closed_form(x: torch.Tensor, z_dim: int) -> LinearGaussianParams:
-    """Maximum-likelihood probabilistic PCA (Tipping and Bishop [2], eq. 7-8).
-
-    With sample mean mu, sample covariance S = (1/N) sum (x - mu)(x - mu)^T
-    (maximum-likelihood normalization) and eigenpairs lambda_1 >= ... >= lambda_D,
-    U of S: sigma^2 = mean(lambda_{K+1..D}) and W = U_K (Lambda_K - sigma^2 I)^{1/2}
-    (the rotation R = I). The loadings are unique only up to W -> W R.
-    """
-    n, d = x.shape
-    if not 1 <= z_dim < d:
-        raise ValueError(f"PPCA needs 1 <= z_dim < x_dim; got z_dim={z_dim}, x_dim={d}")
-    loc = x.mean(0)
-    r = x - loc
-    cov = r.T @ r / n
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    sigma2 = evals[z_dim:].mean().clamp_min(torch.finfo(x.dtype).tiny)
-    weight = evecs[:, :z_dim] * (evals[:z_dim] - sigma2).clamp_min(0.0).sqrt()
-    return LinearGaussianParams(loc, weight, sigma2.expand(d).clone())
-
-
-def varimax(
-    weight: torch.Tensor, max_iter: int = 500, tol: float = 1e-10
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Varimax rotation of loadings (Kaiser [4]).
-
-    Finds the orthogonal R maximizing the variance of the squared loadings
-    within each factor, which pushes every loading towards 0 or a large
-    magnitude ("simple structure") and makes factors easier to read. The
-    likelihood is unchanged, since (W R)(W R)^T = W W^T. Uses the SVD
-    iteration for the orthomax criterion. Each rotated factor is signed so
-    that its largest loading is positive.
-
-    Returns:
-        ``(weight @ R, R)``.
-    """
-    d, k = weight.shape
-    rot = torch.eye(k, dtype=weight.dtype, device=weight.device)
-    if k == 1:
-        return weight.clone(), rot
-    objective = 0.0
-    for _ in range(max_iter):
-        lam = weight @ rot
-        target = lam.pow(3) - lam * lam.pow(2).mean(0)
-        u, s, vh = torch.linalg.svd(weight.T @ target)
-        rot = u @ vh
-        previous, objective = objective, s.sum().item()
-        if previous and objective < previous * (1 + tol):
-            break
-    rotated = weight @ rot
-    idx = rotated.abs().argmax(0)
-    signs = torch.sign(rotated[idx, torch.arange(k)])
-    signs[signs == 0] = 1
-    return rotated * signs, rot * signs
 
 
 # -- the parameter module ----------------------------------------------------------
@@ -314,8 +184,9 @@ class FactorAnalysis(LatentModel):
         """Guide that samples from the exact posterior p(z | x). With it the
         ELBO equals log p(x) for every draw (zero-variance estimator)."""
         self.register("decoder", self.decoder)
+        p = self.params()
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", self.posterior(x))
+            pyro.sample("z", linear_gaussian_posterior(x, p.loc, p.weight, p.noise))
 
     # -- exact quantities ----------------------------------------------------------
     def params(self) -> LinearGaussianParams:
@@ -342,11 +213,13 @@ class FactorAnalysis(LatentModel):
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) = log N(x_n; mu, W W^T + Psi), shape (N,)."""
+        x = self.as_data(x)
         p = self.params()
         return linear_gaussian_log_prob(x, p.loc, p.weight, p.noise)
 
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """Exact p(z | x), a MultivariateNormal with batch shape (N,)."""
+        x = self.as_data(x)
         p = self.params()
         return linear_gaussian_posterior(x, p.loc, p.weight, p.noise)
 
@@ -370,12 +243,8 @@ class FactorAnalysis(LatentModel):
         return z @ p.weight.T + p.loc + eps * p.noise.sqrt()
 
     def check_data(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(
-                f"{type(self).__name__} expects data of shape (N, {self.x_dim}); got {tuple(x.shape)}"
-            )
+        """Raise a clear error for data the likelihood cannot score."""
+        x = self.as_data(x)  # converts and checks the columns
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the data has NaN or infinite values; drop or impute those rows first")
 
@@ -387,8 +256,8 @@ class FactorAnalysis(LatentModel):
         unexplained in each dimension. A linear-Gaussian encoder is set to
         the exact posterior of these parameters, so SVI starts with a tight
         ELBO."""
+        x = self.as_data(x)
         self.check_data(x)
-        x = x.to(self.decoder.weight.dtype)
         p = ppca_closed_form(x, self.z_dim)
         if not self.decoder.isotropic:
             var = x.var(0, unbiased=False)
@@ -436,10 +305,11 @@ class FactorAnalysis(LatentModel):
             written into the model (and the linear encoder, if any, is set to
             their exact posterior).
         """
-        from pyrovae.infer.em import fit_linear_gaussian_em  # em imports this module
-
         if init not in ("pca", "random", "current"):
             raise ValueError(f"init must be 'pca', 'random' or 'current', got {init!r}")
+        # EM runs in float64 whatever the model's dtype (see below), so the
+        # data is taken in float64 too rather than rounded to the model's.
+        x = self.as_data(x, dtype=torch.float64)
         self.check_data(x)
         dtype = self.decoder.weight.dtype
         start: Any = init
@@ -449,7 +319,7 @@ class FactorAnalysis(LatentModel):
         # EM runs in float64 whatever the model's dtype: the monotonicity of the
         # log-likelihood is only visible above float32 rounding.
         params, result = fit_linear_gaussian_em(
-            x.double(), self.z_dim, isotropic=self.decoder.isotropic, max_iter=max_iter,
+            x, self.z_dim, isotropic=self.decoder.isotropic, max_iter=max_iter,
             tol=tol, init=start, seed=seed, min_noise=min_noise,
         )
         self.decoder.set_params(LinearGaussianParams(
@@ -483,9 +353,10 @@ class PPCA(FactorAnalysis):
     @torch.no_grad()
     def fit_closed_form(self, x: torch.Tensor) -> "PPCA":
         """Set the maximum-likelihood parameters by eigendecomposition."""
+        x = self.as_data(x, dtype=torch.float64)
         self.check_data(x)
         dtype = self.decoder.weight.dtype
-        p = ppca_closed_form(x.double(), self.z_dim)
+        p = ppca_closed_form(x, self.z_dim)
         self.decoder.set_params(LinearGaussianParams(p.loc.to(dtype), p.weight.to(dtype), p.noise.to(dtype)))
         self.sync_encoder()
         return self
@@ -598,8 +469,9 @@ class BayesianFactorAnalysis(LatentModel):
         """Centre the guide on the PCA initialization of factor analysis
         (:meth:`FactorAnalysis.init_from_data`): random prior-median loadings
         and a loc far from the data mean otherwise take many steps to leave."""
+        x = self.as_data(x)
         self.check_data(x)
-        fa = FactorAnalysis(self.x_dim, self.z_dim).to(x.dtype).init_from_data(x)
+        fa = FactorAnalysis(self.x_dim, self.z_dim).to(dtype=x.dtype, device=x.device).init_from_data(x)
         p = fa.params()
         self.global_guide.set_median({"weight": p.weight, "loc": p.loc, "noise": p.noise})
         return self
@@ -609,10 +481,20 @@ class BayesianFactorAnalysis(LatentModel):
         """The guide's median of each global site (constrained space)."""
         return self.global_guide.median()
 
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``n`` draws x ~ N(mu, W W^T + Psi) of the plug-in model at the
+        guide's median parameters (:meth:`posterior_median`), shape (n, D)."""
+        med = self.posterior_median()
+        weight, loc, noise = med["weight"], med["loc"], med["noise"]
+        where = loc.device if generator is None else generator.device
+        kw = dict(generator=generator, dtype=loc.dtype, device=where)
+        z = torch.randn(n, self.z_dim, **kw).to(loc.device)
+        eps = torch.randn(n, self.x_dim, **kw).to(loc.device)
+        return z @ weight.T + loc + eps * noise.sqrt()
+
     def check_data(self, x: torch.Tensor) -> None:
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(
-                f"BayesianFactorAnalysis expects data of shape (N, {self.x_dim}); got {tuple(x.shape)}"
-            )
+        """Raise a clear error for data the likelihood cannot score."""
+        x = self.as_data(x)  # converts and checks the columns
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the data has NaN or infinite values; drop or impute those rows first")

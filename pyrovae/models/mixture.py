@@ -37,7 +37,7 @@ means, LogNormals for the scales and, for full covariances, a Normal pushed
 through the correlation-Cholesky bijection [4] for each :math:`L_k`.
 
 Both classes start from k-means++ seeding refined by k-means (see
-:mod:`pyrovae.infer.em_mixture`). The seeding avoids the known failure of
+:mod:`pyrovae.maths.mixture`). The seeding avoids the known failure of
 mixtures started at random, where one component takes almost all points and
 the others starve. :meth:`initialize` does this explicitly; otherwise the first
 call of ``model`` or ``guide`` initializes from the data it sees (the first
@@ -70,16 +70,10 @@ from torch import nn
 from torch.distributions.transforms import CorrCholeskyTransform, LowerCholeskyTransform
 
 from pyrovae.infer.em import EMResult
-from pyrovae.infer.em_mixture import (
-    COVARIANCES,
-    INITS,
-    MixtureEM,
-    MixtureParameters,
-    fit_mixture_em,
-    initial_parameters,
-)
-from pyrovae.models import MODELS
+from pyrovae.infer.em_mixture import MixtureEM, fit_mixture_em
+from pyrovae.maths.mixture import COVARIANCES, INITS, MixtureParameters, initial_parameters
 from pyrovae.models.base import LatentModel
+from pyrovae.models.registry import MODELS
 
 MIXTURE_INITS = INITS + ("random",)
 
@@ -126,6 +120,7 @@ class _MixtureMethods(LatentModel):
         the automatic initialization): of ``n_init`` seedings the one whose
         parameters give the highest log-likelihood of ``x`` is used. ``seed``
         defaults to the constructor's."""
+        x = self.as_data(x, dtype=torch.float64)  # the seeding computes in float64
         self.check_data(x)
         if n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {n_init}")
@@ -133,7 +128,7 @@ class _MixtureMethods(LatentModel):
             raise ValueError(f"initialization needs at least K={self.K} points, got {x.shape[0]}")
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         method = "kmeans" if self.init == "random" else self.init
-        x64 = x.detach().cpu().double()
+        x64 = x.detach().cpu()
         best, best_ll = None, -math.inf
         for _ in range(n_init):
             params = initial_parameters(x64, self.K, self.covariance, init=method, generator=gen)
@@ -149,18 +144,14 @@ class _MixtureMethods(LatentModel):
     # -- predictions -----------------------------------------------------------
     def check_data(self, x: torch.Tensor) -> None:
         """Raise a clear error for data the mixture cannot score."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of shape (N, {self.x_dim}), got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(
-                f"{type(self).__name__} expects data of shape (N, {self.x_dim}); got {tuple(x.shape)}"
-            )
+        x = self.as_data(x)  # converts and checks the columns
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the data has NaN or infinite values; drop or impute them first")
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Responsibilities p(z_n = k | x_n), shape (N, K); rows sum to 1."""
+        x = self.as_data(x)
         self.check_data(x)
         params = self.mixture_parameters()
         return params.responsibilities(x.to(params.means.dtype)).to(x.dtype)
@@ -186,8 +177,9 @@ class _MixtureMethods(LatentModel):
         components z they came from, shape (n,)."""
         params = self.mixture_parameters()
         device = params.means.device
-        z = torch.multinomial(params.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.x_dim, generator=generator, dtype=params.means.dtype).to(device)
+        where = device if generator is None else generator.device  # draw where the generator is
+        z = torch.multinomial(params.weights.to(where), n, replacement=True, generator=generator).to(device)
+        eps = torch.randn(n, self.x_dim, generator=generator, dtype=params.means.dtype, device=where).to(device)
         if params.covariance == "diag":
             x = params.means[z] + params.covariances[z].sqrt() * eps
         else:
@@ -309,6 +301,7 @@ class GaussianMixture(_MixtureMethods):
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n) = logsumexp_k [log pi_k + log N(x_n | mu_k, Sigma_k)], shape (N,)."""
+        x = self.as_data(x)
         self.check_data(x)
         weights, loc, scale = self.mixture.constrained()
         log_joint = self._component(loc, scale).log_prob(x.unsqueeze(-2)) + weights.log()
@@ -349,6 +342,7 @@ class GaussianMixture(_MixtureMethods):
         result; see :func:`pyrovae.infer.em_mixture.fit_mixture_em`. ``seed``
         defaults to the constructor's. The full record, with one row per
         restart, is kept as ``self.em_fit``."""
+        x = self.as_data(x, dtype=torch.float64)  # EM computes in float64
         self.check_data(x)
         method = "kmeans" if self.init == "random" else self.init
         self.em_fit = fit_mixture_em(
@@ -557,6 +551,7 @@ class BayesianGaussianMixture(_MixtureMethods):
     ) -> torch.Tensor:
         """Monte Carlo posterior predictive density under the guide,
         log (1/S) sum_s p(x_n | theta_s) with theta_s ~ q, shape (N,)."""
+        x = self.as_data(x)
         self.check_data(x)
         if generator is not None:
             seed = int(torch.randint(2**62, (1,), generator=generator))

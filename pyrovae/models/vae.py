@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from pyrovae.guides import GUIDES, encoder_distribution
-from pyrovae.models import MODELS
+from pyrovae.models.registry import MODELS
 from pyrovae.models.base import LatentModel
 from pyrovae.nn import MLP
 
@@ -100,19 +100,20 @@ class VAE(LatentModel):
             # Dynamic binarization feeds exact 0/1 data; skipping the support
             # check keeps the hot path free of a full-tensor comparison.
             return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.noise_scale(out).expand_as(out)).to_event(1)
+
+    def noise_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of the Gaussian likelihood, shape (D,) or a scalar
+        (dtype and device of ``like``)."""
         if self.fixed_scale is None:
-            scale = softplus(self.decoder.raw_scale) + 1e-3
-        else:
-            scale = out.new_tensor(self.fixed_scale)
-        return dist.Normal(out, scale.expand_as(out)).to_event(1)
+            return softplus(self.decoder.raw_scale) + 1e-3
+        return like.new_tensor(self.fixed_scale)
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise a clear error for data the likelihood cannot score."""
-        if x.dim() != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(
-                f"VAE expects data of shape (N, {self.x_dim}); got {tuple(x.shape)}. "
-                "Flatten images first (pyrovae.data loaders do)."
-            )
+        x = self.as_data(x)  # converts, flattens images and checks the columns
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the data has NaN or infinite values; drop or impute those rows first")
         if self.likelihood == "bernoulli":
             if not bool(((x == 0) | (x == 1)).all()):
                 raise ValueError(
@@ -129,16 +130,34 @@ class VAE(LatentModel):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of q(z | x)."""
-        return self.encoder(x)[0]
+        """Posterior mean of q(z | x), shape (N, z_dim)."""
+        return self.encoder(self.as_data(x))[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z) at z = encode(x), shape (N, D)."""
         return self.decode(self.encode(x))
 
     @torch.no_grad()
+    def sample_mean(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Means of p(x | z) (pixel probabilities for the Bernoulli likelihood)
+        for ``n`` draws z ~ p(z), shape (n, D)."""
+        ref = next(self.parameters())
+        z = torch.randn(n, self.z_dim, generator=generator, dtype=ref.dtype, device=_where(generator, ref))
+        return self.decode(z.to(ref.device))
+
+    @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Means of p(x | z) for ``n`` draws z ~ p(z)."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.z_dim, generator=generator, device=device)
-        return self.decode(z)
+        """``n`` draws x ~ p(x): z ~ p(z), then x ~ p(x | z) (0/1 values for the
+        Bernoulli likelihood), shape (n, D). For the means use :meth:`sample_mean`."""
+        mean = self.sample_mean(n, generator)
+        where = _where(generator, mean)
+        if self.likelihood == "bernoulli":
+            return torch.bernoulli(mean.to(where), generator=generator).to(mean.device)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where)
+        return mean + self.noise_scale(mean) * noise.to(mean.device)
+
+
+def _where(generator: Optional[torch.Generator], like: torch.Tensor) -> torch.device:
+    """Random draws happen on the generator's device (then move to the model's)."""
+    return like.device if generator is None else generator.device

@@ -5,12 +5,10 @@
 specific to that family; ``pyrovae train`` calls it after the generic ones.
 """
 
-from pyrovae.registry import Registry
-
-FIGURES = Registry("figure set")
-
-from pyrovae.viz import figures, vae  # noqa: E402,F401  (registers figure sets)
-from pyrovae.viz import mixture  # noqa: E402,F401  (registers the mixture figure sets)
-from pyrovae.viz import linear  # noqa: E402,F401  (registers the FA/PPCA figure sets)
+from pyrovae.viz.registry import FIGURES
+from pyrovae.viz import figures
+from pyrovae.viz import vae  # noqa: F401  (registers the VAE figure sets)
+from pyrovae.viz import mixture  # noqa: F401  (registers the mixture figure sets)
+from pyrovae.viz import linear  # noqa: F401  (registers the FA/PPCA figure sets)
 
 __all__ = ["FIGURES", "figures"]

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 PathLike = Union[str, Path]
 
 
-def _save(fig: "plt.Figure", path: PathLike) -> Path:
+def save_figure(fig: "plt.Figure", path: PathLike) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -52,7 +53,7 @@ def loss_curves(history: pd.DataFrame, path: PathLike) -> Path:
     ax.set_xlabel("epoch")
     ax.set_title("held-out terms")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(
@@ -83,7 +84,7 @@ def image_grid(
         ax.set_yticks([])
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reconstructions(
@@ -111,7 +112,7 @@ def latent_scatter(z: torch.Tensor, labels: Optional[torch.Tensor], path: PathLi
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title("latent means of held-out data")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def manifold(decode, path: PathLike, image_shape=(1, 28, 28), n: int = 15, span: float = 2.5) -> Path:

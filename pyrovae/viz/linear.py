@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from pyrovae.data.tabular import BFI_ITEMS
-from pyrovae.models.linear import varimax
-from pyrovae.viz import FIGURES
-from pyrovae.viz.figures import PathLike, _save, plt
+from pyrovae.maths.linear import varimax
+from pyrovae.viz.registry import FIGURES
+from pyrovae.viz.figures import PathLike, plt, save_figure
 
 
 def _feature_names(data, d: int) -> List[str]:
@@ -66,7 +66,7 @@ def loadings_heatmap(
     ax_psi.set_xlabel("noise variance psi")
     ax_psi.set_title("noise")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def em_curve(history, path: PathLike) -> Path:
@@ -77,7 +77,7 @@ def em_curve(history, path: PathLike) -> Path:
     ax.set_ylabel("log-likelihood (nats per data point)")
     ax.set_title("EM")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @FIGURES.register("fa")

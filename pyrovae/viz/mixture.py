@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from matplotlib.patches import Ellipse
 
-from pyrovae.viz import FIGURES
-from pyrovae.viz.figures import PathLike, _save, plt
+from pyrovae.viz.registry import FIGURES
+from pyrovae.viz.figures import PathLike, plt, save_figure
 
 MAX_POINTS = 5000  # points drawn at most; more only hide each other
 
@@ -96,7 +96,7 @@ def mixture_scatter(
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title or "mixture components (1 and 2 sigma)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @FIGURES.register("gmm")

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pyrovae.bench import compare_results, load_results, load_suite, summarize
-from pyrovae.bench.runner import RESULT_COLUMNS, ResultsFile
+from pyrovae.bench.results import RESULT_COLUMNS, ResultsFile
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 QUICK = BENCHMARKS / "quick.toml"

@@ -23,9 +23,10 @@ def test_an_epoch_visits_each_point_at_most_once(n, batch, seed):
     assert len(seen.unique()) == len(seen)
 
 
-def test_as_dataset_accepts_tensors_and_rejects_other_types():
+def test_as_dataset_accepts_array_data_and_rejects_other_types():
     assert as_dataset(torch.zeros(5)).x.shape == (5, 1)
     assert as_dataset(torch.zeros(4, 2, 3)).x.shape == (4, 6)
     assert as_dataset(torch.zeros(3, 2, dtype=torch.int64)).x.dtype == torch.float32
+    assert as_dataset([[1.0, 2.0]]).x.shape == (1, 2)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        as_dataset([[1.0, 2.0]])
+        as_dataset({"a": [1.0, 2.0]})

@@ -142,5 +142,5 @@ def test_bad_arguments():
         gradient_stats(one.model, one.guide, Trace_ELBO(), X, num_draws=1)
     with pytest.raises(TypeError, match="loss_and_grads"):
         gradient_stats(one.model, one.guide, object(), X)
-    with pytest.raises(TypeError, match="guide=<guide callable>"):
+    with pytest.raises(TypeError, match="guide=..."):
         gradient_stats(one.model, None, Trace_ELBO(), X)

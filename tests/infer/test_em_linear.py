@@ -17,7 +17,7 @@ from pyrovae.data import load_dataset
 from pyrovae.data.synthetic import linear_gaussian_truth
 from pyrovae.infer.em import EMResult, fit_linear_gaussian_em, log_likelihood_from_moments
 from pyrovae.models import PPCA, FactorAnalysis
-from pyrovae.models.linear import LinearGaussianParams, linear_gaussian_log_prob, ppca_closed_form
+from pyrovae.maths.linear import LinearGaussianParams, linear_gaussian_log_prob, ppca_closed_form
 
 F64 = torch.float64
 

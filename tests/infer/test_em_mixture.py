@@ -8,12 +8,8 @@ import torch
 
 from pyrovae.data import data_root, load_dataset
 from pyrovae.data.synthetic import gmm_truth
-from pyrovae.infer.em_mixture import (
-    MixtureParameters,
-    fit_mixture_em,
-    initial_parameters,
-    kmeans_plusplus,
-)
+from pyrovae.infer.em_mixture import fit_mixture_em
+from pyrovae.maths.mixture import MixtureParameters, initial_parameters, kmeans_plusplus
 from pyrovae.models.mixture import match_components
 
 sklearn_mixture = pytest.importorskip("sklearn.mixture")

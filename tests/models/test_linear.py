@@ -23,7 +23,7 @@ from pyrovae.guides.linear import LinearGaussianEncoder
 from pyrovae.infer import evaluate, fit
 from pyrovae.infer.evaluate import log_importance_weights
 from pyrovae.models import MODELS, PPCA, BayesianFactorAnalysis, FactorAnalysis
-from pyrovae.models.linear import linear_gaussian_log_prob, varimax
+from pyrovae.maths.linear import linear_gaussian_log_prob, varimax
 
 F64 = torch.float64
 

@@ -1,0 +1,657 @@
+"""One run, one pipeline: a :class:`RunSpec` goes through :func:`run` to a
+finished :class:`RunResult`.
+
+The steps, in order, each in one place:
+
+1. **check** the spec (names against their registries, options against the
+   signatures they configure, sizes and settings);
+2. **data**: the train and held-out splits (named data set or CSV file);
+3. **model**: built from its registry entry with the run's seed deciding the
+   initial weights; options the run knows better than a default (the
+   training-set size ``num_data`` of models with global latents, the model's
+   own ``seed`` for its initialization) are filled in when not given;
+4. **training**: SVI through :func:`pyrovae.infer.fit` (the model's own
+   objective unless one is named), EM through the model's ``fit_em``, or the
+   scikit-learn counterpart of the model, or nothing when an existing run
+   folder is evaluated again;
+5. **evaluation**: one :func:`pyrovae.infer.evaluate` call on the held-out
+   split, plus the metrics the spec asks for (training ELBO, the trained
+   objective's held-out value, gradient statistics);
+6. **files**, when ``spec.out`` is set: ``config.json`` (the spec, the built
+   model's options, library versions), ``checkpoint.pt``, ``history.csv``,
+   ``metrics.csv`` and the figures.
+
+``pyrovae train``, ``pyrovae eval`` and every cell of a benchmark suite build
+a spec and call :func:`run`; none of them repeats a step. :func:`load_run`
+brings a trained model back from a run folder (or from a folder written by
+``fit(checkpoint_dir=...)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import pandas as pd
+import pyro
+import torch
+
+from pyrovae.data import DATASETS, ArrayDataset, load_dataset
+from pyrovae.data.tabular import load_csv
+from pyrovae.infer.evaluate import Evaluation, evaluate
+from pyrovae.infer.fit import CHECKPOINT_FORMAT, FitConfig, fit, load_checkpoint, save_checkpoint
+from pyrovae.infer.objectives import ELBOS, make_objective
+from pyrovae.models import MODELS
+from pyrovae.models.base import LatentModel, capability, num_data
+from pyrovae.registry import builder_options, signature_options
+from pyrovae.seeding import seeded
+from pyrovae.version import __version__
+
+METHODS = ("svi", "em", "sklearn")
+METRICS = ("elbo", "iwae", "exact", "objective", "gradients")
+DEFAULT_METRICS = ("elbo", "iwae", "exact")
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+NAN = float("nan")
+# scikit-learn estimators standing in for pyrovae models under method = "sklearn".
+SKLEARN_MODELS = {
+    "fa": "sklearn.decomposition.FactorAnalysis",
+    "ppca": "sklearn.decomposition.PCA",
+    "gmm": "sklearn.mixture.GaussianMixture",
+}
+# Options of a data set loader that the pipeline sets itself.
+PIPELINE_DATASET_OPTIONS = ("split", "device")
+
+
+@dataclass
+class EvalSettings:
+    """How a trained model is scored."""
+
+    num_samples: int = 1000  # K of the importance-sampled held-out log-likelihood (0: skip)
+    max_points: Optional[int] = 1000  # held-out (and training) points scored (None: all)
+    elbo_particles: int = 1  # draws per point for the held-out ELBO
+    objective_repeats: int = 5  # evaluations of the trained objective averaged on held-out data
+    grad_draws: int = 20  # gradient estimates per gradient statistic
+    grad_batch: int = 100  # size of the fixed held-out batch the gradients are taken on
+    seed: int = 0  # seeds evaluation draws and the held-out binarization
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class RunSpec:
+    """Everything that decides a run; saved as ``config.json`` in its folder."""
+
+    model: str = "vae"  # name in MODELS
+    model_options: Dict[str, Any] = field(default_factory=dict)  # builder kwargs (z_dim, hidden, ...)
+    dataset: str = "mnist"  # name in DATASETS, or a path to a .csv file
+    dataset_options: Dict[str, Any] = field(default_factory=dict)  # loader kwargs (root, binarize, ...)
+    train_split: str = "train"  # split trained on
+    test_split: str = "test"  # split evaluated on
+    train_size: Optional[int] = None  # use only the first N training points
+    test_size: Optional[int] = None  # use only the first N held-out points
+    method: str = "svi"  # "svi", "em" (the model's fit_em) or "sklearn" (its scikit-learn twin)
+    fit: Dict[str, Any] = field(default_factory=dict)  # FitConfig fields for SVI (seed: see below)
+    method_options: Dict[str, Any] = field(default_factory=dict)  # fit_em or estimator kwargs
+    seed: int = 0  # decides initial weights, batching, every draw of training and EM restarts
+    eval: EvalSettings = field(default_factory=EvalSettings)  # how the trained model is scored
+    metrics: Tuple[str, ...] = DEFAULT_METRICS  # what is scored, a subset of METRICS
+    device: str = "cpu"  # where data and parameters live
+    out: Optional[str] = None  # run folder (None: write nothing)
+
+    # -- checks -------------------------------------------------------------------
+    def check(self) -> "RunSpec":
+        """Raise ``ValueError`` naming the first bad field; return self."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        build = MODELS.get_checked(self.model)
+        accepted, _ = builder_options(build)
+        if accepted is not None:
+            unknown = sorted(set(self.model_options) - set(accepted))
+            if unknown:
+                raise ValueError(f"unknown options {unknown} for model {self.model!r}; "
+                                 f"it accepts {sorted(accepted)}")
+        if not self.dataset.endswith(".csv"):
+            DATASETS.get_checked(self.dataset)
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if self.method == "svi":
+            self.fit_config()  # FitConfig validates its own fields
+            elbo = self.fit.get("elbo")
+            if isinstance(elbo, str):
+                ELBOS.get_checked(elbo)
+        elif self.method == "sklearn" and self.model not in SKLEARN_MODELS:
+            raise ValueError(f"method 'sklearn' has no counterpart of model {self.model!r}; "
+                             f"models with one: {', '.join(SKLEARN_MODELS)}")
+        elif self.method == "em" and isinstance(build, type) and not hasattr(build, "fit_em"):
+            raise ValueError(f"model {self.model!r} has no EM algorithm; use method 'svi'")
+        if self.device != "cpu" and torch.device(self.device).type == "cuda" \
+                and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device "
+                             "on this machine; use device 'cpu'")
+        return self
+
+    def fit_config(self, resume: bool = False) -> FitConfig:
+        """The FitConfig of an SVI run: the spec's ``fit`` fields, its seed and folder."""
+        valid = {f.name for f in fields(FitConfig)}
+        unknown = sorted(set(self.fit) - valid)
+        if unknown:
+            raise ValueError(f"unknown fit options {unknown}; valid: {sorted(valid)}")
+        options = {**self.fit, "seed": self.seed, "checkpoint_dir": self.out, "resume": resume}
+        return FitConfig(**options)
+
+    # -- (de)serialization --------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["eval"] = self.eval.to_dict()
+        d["metrics"] = list(self.metrics)
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "eval" in d:
+            d["eval"] = EvalSettings(**d["eval"])
+        if "metrics" in d:
+            d["metrics"] = tuple(d["metrics"])
+        return cls(**d)
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: the trained model and everything measured."""
+
+    spec: RunSpec
+    model: Any  # the trained model (a scikit-learn estimator for method "sklearn")
+    history: pd.DataFrame  # one row per epoch (SVI) or iteration (EM)
+    evaluation: Optional[Evaluation]  # held-out metrics (None for method "sklearn")
+    metrics: Dict[str, Any]  # every number of the run, by benchmark column name
+    notes: List[str]  # what could not be measured, and why
+    figures: List[Path]
+    out: Optional[Path]
+
+
+# -- steps ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _load_split(name: str, split: str, options_json: str) -> ArrayDataset:
+    """Named data sets are read once per process (MNIST takes a second or
+    two); the cached split is never modified, only sliced and copied."""
+    return load_dataset(name, split=split, **json.loads(options_json))
+
+
+def load_data(spec: RunSpec) -> Tuple[ArrayDataset, ArrayDataset]:
+    """The train and held-out splits of a run, on its device."""
+    options = dict(spec.dataset_options)
+    if spec.dataset.endswith(".csv"):
+        if not Path(spec.dataset).exists():
+            raise FileNotFoundError(f"no CSV file at {spec.dataset}")
+        train = load_csv(spec.dataset, split=spec.train_split, **options)
+        test = load_csv(spec.dataset, split=spec.test_split, **options)
+    else:
+        loader = DATASETS.get_checked(spec.dataset)
+        accepted, _ = signature_options(loader, PIPELINE_DATASET_OPTIONS)
+        if accepted is not None:
+            unknown = sorted(set(options) - set(accepted))
+            if unknown:
+                raise ValueError(f"unknown options {unknown} for data set {spec.dataset!r}; "
+                                 f"it accepts {sorted(accepted)}")
+        key = json.dumps(options, sort_keys=True, default=str)
+        train = _load_split(spec.dataset, spec.train_split, key)
+        test = _load_split(spec.dataset, spec.test_split, key)
+    if spec.train_size is not None:
+        train = train.subset(spec.train_size)
+    if spec.test_size is not None:
+        test = test.subset(spec.test_size)
+    if spec.device != "cpu":
+        train, test = train.to(spec.device), test.to(spec.device)
+    return train, test
+
+
+def model_options(spec: RunSpec, x_dim: int, n_train: int) -> Dict[str, Any]:
+    """The builder kwargs of a run: the spec's, plus what the run knows better
+    than a default (``num_data``, the model's own ``seed``) when not given."""
+    options = dict(spec.model_options)
+    accepted, _ = builder_options(MODELS.get_checked(spec.model))
+    # Models with global latents scale a mini-batch's likelihood by
+    # num_data / batch size: the training-set size is the right value.
+    for name, value in (("num_data", n_train), ("seed", spec.seed)):
+        if accepted is not None and name in accepted and name not in options:
+            options[name] = value
+    return options
+
+
+def build_model(name: str, x_dim: int, options: Optional[Mapping[str, Any]] = None, *,
+                seed: int = 0, device: str = "cpu") -> Any:
+    """Build the registered model ``name`` with builder kwargs ``options``;
+    ``seed`` decides its initial weights."""
+    options = dict(options or {})
+    build = MODELS.get_checked(name)
+    try:
+        with seeded(seed):
+            model = build(x_dim, **options)
+    except TypeError as err:
+        raise ValueError(f"bad options for model {name!r}: {err}") from None
+    if device != "cpu" and isinstance(model, torch.nn.Module):
+        model = model.to(device)
+    return model
+
+
+def _train_svi(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
+               resume: bool, progress: Optional[bool]) -> Dict[str, Any]:
+    config = spec.fit_config(resume)
+    if progress is not None:
+        config = replace(config, progress=progress)
+    result = fit(model, train, test, config=config)
+    history = result.history
+    # Training time of this run only: on resume the history starts earlier.
+    seconds = float(history["seconds"].iloc[-1]) if len(history) else 0.0
+    return {
+        "history": history, "objective": result.objective, "config": result.config,
+        "steps": result.steps, "epochs": int(history["epoch"].iloc[-1]) if len(history) else 0,
+        "train_seconds": seconds,
+        "ms_per_step": 1000.0 * seconds / result.steps if result.steps else NAN,
+        "last_train_elbo": float(history["train_elbo"].iloc[-1]) if len(history) else NAN,
+    }
+
+
+def _train_em(spec: RunSpec, model: Any, train: ArrayDataset) -> Dict[str, Any]:
+    fit_em = capability(model, "fit_em")
+    if fit_em is None:
+        raise ValueError(f"model {spec.model!r} has no EM algorithm; use method 'svi'")
+    accepted, _ = signature_options(fit_em, ())
+    options = dict(spec.method_options)
+    if (accepted is None or "seed" in accepted) and "seed" not in options:
+        options["seed"] = spec.seed
+    x = train.fixed(spec.eval.seed)
+    t0 = time.perf_counter()
+    result = fit_em(x, **options)
+    seconds = time.perf_counter() - t0
+    steps = int(getattr(result, "n_iter", 0) or 0)
+    history = getattr(result, "history", None)
+    return {
+        "history": history if isinstance(history, pd.DataFrame) else pd.DataFrame(),
+        "steps": steps, "epochs": steps, "train_seconds": seconds,
+        "ms_per_step": 1000.0 * seconds / steps if steps else NAN,
+    }
+
+
+def sklearn_estimator(model: str) -> type:
+    """The scikit-learn estimator class standing in for ``model``."""
+    import importlib
+
+    module_name, cls_name = SKLEARN_MODELS[model].rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError("method 'sklearn' needs scikit-learn: pip install 'pyrovae[sklearn]'") \
+            from None
+    return getattr(module, cls_name)
+
+
+def _sklearn_options(spec: RunSpec) -> Dict[str, Any]:
+    """Map the pyrovae model's options onto its scikit-learn counterpart."""
+    _, defaults = builder_options(MODELS[spec.model])
+    opts = {**defaults, **spec.model_options}
+    if spec.model in ("fa", "ppca"):
+        out = {"n_components": opts.get("z_dim")}
+    else:  # gmm
+        out = {"n_components": opts.get("K") or opts.get("z_dim") or 2}
+        cov = opts.get("covariance")
+        if cov is not None:
+            out["covariance_type"] = {"diagonal": "diag"}.get(cov, cov)
+    if spec.model in ("fa", "gmm"):
+        out["random_state"] = spec.seed
+    return {**{k: v for k, v in out.items() if v is not None}, **spec.method_options}
+
+
+def _run_sklearn(spec: RunSpec, train: ArrayDataset, test: ArrayDataset) -> Tuple[Any, Dict[str, Any]]:
+    import numpy as np
+
+    estimator = sklearn_estimator(spec.model)(**_sklearn_options(spec))
+    ev = spec.eval
+    x_train = train.fixed(ev.seed).cpu().double().numpy()
+    x_test = test.fixed(ev.seed).cpu().double().numpy()[: ev.max_points]
+    t0 = time.perf_counter()
+    estimator.fit(x_train)
+    seconds = time.perf_counter() - t0
+    steps = int(np.max(getattr(estimator, "n_iter_", 0)))
+    ll_test = estimator.score_samples(x_test)
+    ll_train = estimator.score_samples(x_train[: ev.max_points])
+    return estimator, {
+        "steps": steps, "epochs": steps, "train_seconds": seconds,
+        "ms_per_step": 1000.0 * seconds / steps if steps else NAN,
+        "train_exact": float(ll_train.mean()), "test_exact": float(ll_test.mean()),
+        "test_exact_se": float(ll_test.std(ddof=1) / math.sqrt(len(ll_test))),
+        "n_eval": len(ll_test),
+    }
+
+
+def _objective_value(objective: Any, model: Any, x: torch.Tensor, repeats: int, seed: int) -> float:
+    """The trained objective's own estimate on held-out data, per data point
+    (for IWAE with K particles, the K-sample bound)."""
+    values = []
+    with seeded(seed, x.device), torch.no_grad():
+        for _ in range(repeats):
+            values.append(objective.loss(model.model, model.guide, x))
+    # Models with global latents scale the likelihood to num_data points (as
+    # in training), so their bound is per num_data points, not per batch point.
+    per = num_data(model) or x.shape[0]
+    return -sum(values) / len(values) / per
+
+
+def _gradient_columns(spec: RunSpec, model: Any, objective: Any, x: torch.Tensor,
+                      prefix: str) -> Dict[str, Any]:
+    from pyrovae.infer.diagnostics import gradient_stats
+
+    frame = gradient_stats(model, None, objective, x, num_draws=spec.eval.grad_draws,
+                           seed=spec.eval.seed)
+    out: Dict[str, Any] = {"grad_draws": spec.eval.grad_draws}
+    for group in ("encoder", "decoder"):
+        rows = frame[frame["group"] == group]
+        if len(rows):
+            out[f"{prefix}_{group}_snr"] = float(rows["mean_snr"].iloc[0])
+            out[f"{prefix}_{group}_var"] = float(rows["mean_variance"].iloc[0])
+    return out
+
+
+def _initial_gradients(spec: RunSpec, train: ArrayDataset, test: ArrayDataset,
+                       options: Dict[str, Any]) -> Dict[str, Any]:
+    """Gradient statistics of the run's objective at the initial parameters.
+
+    Every run with the same model and seed starts from the same weights, so
+    these compare estimators at one common point, free of how far each one's
+    training got. A separate, identically seeded instance is used, so the
+    model that is trained never sees the held-out batch.
+    """
+    model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
+    objective = _svi_objective(spec)
+    if objective is None:
+        return {}
+    x = test.fixed(spec.eval.seed)[: spec.eval.grad_batch]
+    return _gradient_columns(spec, model, objective, x, "grad_init")
+
+
+def _svi_objective(spec: RunSpec) -> Any:
+    fit = spec.fit
+    elbo = fit.get("elbo")
+    if elbo is None or not isinstance(elbo, str):
+        return None
+    return make_objective(elbo, fit.get("num_particles", 1), fit.get("vectorize_particles", False),
+                          **fit.get("elbo_options", {}))
+
+
+def _score(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
+           objective: Any, metrics: Dict[str, Any], notes: List[str]) -> Evaluation:
+    """Held-out (and, when asked for, training) metrics of a trained model."""
+    ev = spec.eval
+    wanted = set(spec.metrics)
+    k = ev.num_samples if "iwae" in wanted else 0
+    res = evaluate(model, test, num_samples=k, elbo_particles=ev.elbo_particles,
+                   max_points=ev.max_points, seed=ev.seed)
+    metrics.update(test_elbo=res.elbo, test_elbo_se=res.elbo_se, n_eval=res.n)
+    if k and res.log_likelihood_method.startswith("posterior predictive"):
+        # Global latents: the second estimate is the posterior predictive
+        # density, not an importance-sampled bound.
+        metrics.update(test_predictive=res.iwae, num_samples=k)
+    elif k:
+        metrics.update(test_iwae=res.iwae, test_iwae_se=res.iwae_se, num_samples=k)
+    if "exact" in wanted:
+        metrics.update(test_exact=res.exact, test_exact_se=res.exact_se)
+        log_predictive = capability(model, "log_predictive")
+        if (math.isnan(res.exact) and log_predictive is not None
+                and math.isnan(metrics.get("test_predictive", NAN))):
+            # Bayesian models: the posterior predictive density stands in for the likelihood.
+            gen = torch.Generator(device="cpu").manual_seed(ev.seed)
+            with torch.no_grad():
+                lp = log_predictive(test.fixed(ev.seed)[: ev.max_points], generator=gen)
+            metrics["test_predictive"] = lp.double().mean().item()
+    if "elbo" in wanted:
+        train_res = evaluate(model, train, num_samples=0, elbo_particles=ev.elbo_particles,
+                             max_points=ev.max_points, seed=ev.seed)
+        metrics.update(train_elbo=train_res.elbo)
+        if "exact" in wanted:
+            metrics.update(train_exact=train_res.exact)
+    if "objective" in wanted and objective is not None:
+        x_eval = test.fixed(ev.seed)[: ev.max_points]
+        try:
+            metrics["test_objective"] = _objective_value(objective, model, x_eval,
+                                                         ev.objective_repeats, ev.seed)
+        except (ValueError, NotImplementedError) as err:
+            notes.append(f"objective value unavailable: {err}")
+    if "gradients" in wanted and objective is not None:
+        metrics.update(_gradient_columns(spec, model, objective,
+                                         test.fixed(ev.seed)[: ev.grad_batch], "grad"))
+    return res
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: Union[str, bytes]) -> Path:
+    """Write ``path`` through a uniquely named temporary file in its folder,
+    fsync it and rename it into place: a reader sees the old or the new file,
+    never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def versions() -> Dict[str, str]:
+    return {"pyrovae_version": __version__, "torch_version": torch.__version__,
+            "pyro_version": pyro.__version__}
+
+
+def _write_figures(spec: RunSpec, model: Any, history: pd.DataFrame, train: ArrayDataset,
+                   test: ArrayDataset, out: Path) -> List[Path]:
+    from pyrovae.viz import FIGURES
+    from pyrovae.viz.figures import loss_curves
+
+    paths: List[Path] = []
+    if spec.method == "svi" and len(history) and history["train_elbo"].notna().any():
+        paths.append(loss_curves(history, out / "loss_curves.png"))
+    if spec.model in FIGURES:
+        paths += FIGURES[spec.model](model, train, test, out)
+    return paths
+
+
+def _check_out(spec: RunSpec, resume: bool, evaluate_only: bool) -> Optional[Path]:
+    """The run folder, checked before anything is written."""
+    if spec.out is None:
+        if resume or evaluate_only:
+            raise ValueError("resuming or re-evaluating a run needs its folder (out)")
+        return None
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    config_path = out / CONFIG_FILE
+    if (resume or evaluate_only) and config_path.exists():
+        saved = RunSpec.from_dict(json.loads(config_path.read_text()))
+        for name in ("model", "model_options", "dataset", "dataset_options", "method"):
+            if getattr(saved, name) != getattr(spec, name):
+                raise ValueError(
+                    f"{out} holds a run with {name} = {getattr(saved, name)!r}, not "
+                    f"{getattr(spec, name)!r}; resume it with the same {name}, or choose "
+                    "another --out"
+                )
+    elif evaluate_only:
+        raise FileNotFoundError(f"{out} is not a pyrovae run folder: no {CONFIG_FILE}")
+    return out
+
+
+# -- the pipeline ---------------------------------------------------------------------
+
+
+def run(spec: RunSpec, *, resume: bool = False, evaluate_only: bool = False,
+        progress: Optional[bool] = None) -> RunResult:
+    """Take ``spec`` to a finished run.
+
+    Args:
+        spec: the run. With ``spec.out`` the run writes its folder.
+        resume: continue SVI training from ``spec.out``'s last checkpoint.
+        evaluate_only: load the trained model from ``spec.out`` instead of
+            training, then evaluate it with ``spec.eval`` (``pyrovae eval``).
+        progress: show progress bars (default: the spec's ``fit.progress``).
+    """
+    spec = spec.check()
+    out = _check_out(spec, resume, evaluate_only)
+    t0 = time.perf_counter()
+    train, test = load_data(spec)
+    if train.dim != test.dim:
+        raise ValueError(f"the train split has {train.dim} columns but the test split "
+                         f"{test.dim}")
+    metrics: Dict[str, Any] = {"n_train": len(train), "n_test": len(test)}
+    notes: List[str] = []
+    options = model_options(spec, train.dim, len(train))
+    history = pd.DataFrame()
+    objective = None
+    if spec.method == "sklearn":
+        model, fitted = _run_sklearn(spec, train, test)
+        metrics.update(fitted)
+        evaluation = None
+    else:
+        model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
+        if out is not None and not evaluate_only:
+            out.mkdir(parents=True, exist_ok=True)
+            config = {**spec.to_dict(), "x_dim": train.dim, "built_options": options,
+                      **versions()}
+            write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, default=str))
+        if evaluate_only:
+            _load_state(model, out)
+            history_path = out / "history.csv"
+            if history_path.exists():
+                history = pd.read_csv(history_path)
+            if spec.method == "svi":
+                objective = _svi_objective(spec)
+        elif spec.method == "em":
+            fitted = _train_em(spec, model, train)
+            history = fitted.pop("history")
+            metrics.update(fitted)
+            if out is not None:
+                save_checkpoint(out / CHECKPOINT_FILE, {
+                    "format": CHECKPOINT_FORMAT, "model_state": model.state_dict(),
+                    "config": {"method": "em"}, "epoch": 0, "step": metrics["steps"],
+                })
+        else:
+            if "gradients" in spec.metrics:
+                metrics.update(_initial_gradients(spec, train, test, options))
+            fitted = _train_svi(spec, model, train, test, resume, progress)
+            history = fitted.pop("history")
+            objective = fitted.pop("objective")
+            fitted.pop("config")
+            metrics.update(fitted)
+        evaluation = _score(spec, model, train, test, objective, metrics, notes)
+    if "elbo" in spec.metrics and math.isnan(metrics.get("train_elbo", NAN)):
+        metrics["train_elbo"] = metrics.get("last_train_elbo", NAN)
+    metrics.pop("last_train_elbo", None)
+    exact = metrics.get("test_exact", NAN)
+    for metric, gap in (("test_elbo", "elbo_gap"), ("test_iwae", "iwae_gap"),
+                        ("test_objective", "objective_gap")):
+        metrics[gap] = metrics.get(metric, NAN) - exact
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    figures: List[Path] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not evaluate_only and len(history):
+            write_atomic(out / "history.csv", history.to_csv(index=False))
+        frame = (evaluation.to_frame() if evaluation is not None
+                 else pd.DataFrame([{k: v for k, v in metrics.items()}]))
+        write_atomic(out / "metrics.csv", frame.to_csv(index=False))
+        if spec.method != "sklearn":
+            figures = _write_figures(spec, model, history, train, test, out)
+    return RunResult(spec=spec, model=model, history=history, evaluation=evaluation,
+                     metrics=metrics, notes=notes, figures=figures, out=out)
+
+
+# -- trained models back --------------------------------------------------------------
+
+
+def _load_state(model: Any, folder: Path) -> None:
+    state = load_checkpoint(folder / CHECKPOINT_FILE)
+    model.load_state_dict(state["model_state"])
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+
+
+def read_spec(folder: Union[str, Path]) -> RunSpec:
+    """The spec of a run folder written by :func:`run`."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a pyrovae run folder: no {CONFIG_FILE}")
+    try:
+        return RunSpec.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable pyrovae run config: {err}") from None
+
+
+def _registered_classes() -> Dict[str, type]:
+    found: Dict[str, type] = {}
+    stack = [LatentModel]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__.startswith("pyrovae."):
+            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+def load_run(folder: Union[str, Path]) -> Any:
+    """The trained model of a folder, ready for ``evaluate``, ``sample`` and
+    ``encode``.
+
+    Works on a run folder written by :func:`run` (``pyrovae train``) and on a
+    folder written by ``fit(checkpoint_dir=...)`` for a pyrovae model; a
+    model class of your own is rebuilt by you and given its weights with
+    ``model.load_state_dict(load_checkpoint(folder)["model_state"])``.
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).exists():
+        saved = json.loads((folder / CONFIG_FILE).read_text())
+        spec = RunSpec.from_dict(saved)
+        if spec.method == "sklearn":
+            raise ValueError(f"{folder} holds a scikit-learn run, which keeps no model")
+        options = saved.get("built_options", spec.model_options)
+        model = build_model(spec.model, saved["x_dim"], options, seed=spec.seed)
+        _load_state(model, folder)
+        return model
+    state = load_checkpoint(folder / CHECKPOINT_FILE)
+    name = state.get("model_class")
+    cls = _registered_classes().get(name or "")
+    if cls is None:
+        raise ValueError(
+            f"{folder} holds a checkpoint of {name or 'an unnamed model'}, which is not a "
+            "pyrovae model: rebuild it yourself and load the weights with "
+            "model.load_state_dict(pyrovae.infer.fit.load_checkpoint(folder)['model_state'])"
+        )
+    model = cls(**state.get("model_config", {}))
+    model.load_state_dict(state["model_state"])
+    model.eval()
+    return model
