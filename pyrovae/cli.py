@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Any, Dict, List, Optional
+import traceback
+from typing import Any, Callable, Dict, List, Optional
 
+from pyrovae.bench.command import add_bench_commands
+from pyrovae.files import FolderLockedError
 from pyrovae.infer.objectives import ELBOS
 from pyrovae.models import MODELS
+from pyrovae.version import __version__
 
 
 def _parse_set(items: List[str]) -> Dict[str, Any]:
@@ -29,18 +34,61 @@ def _binarize(value: str) -> Optional[str]:
     return None if value == "none" else value
 
 
+def _integer(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+POSITIVE, COUNT = _integer(1), _integer(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every usage error on one line: ``PROG: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model, evaluate it, write metrics and figures")
+    from pyrovae.data import DATASETS
+
+    p = sub.add_parser("train", help="train a model, evaluate it, write metrics and figures",
+                       description="Train a model, evaluate it on held-out data, and write "
+                       "config.json, checkpoint.pt, history.csv, metrics.csv and figures "
+                       "into --out.")
     p.add_argument("model", help=f"model name: {', '.join(sorted(MODELS))}")
-    p.add_argument("--dataset", default="mnist", help="data set name or path to a .csv file")
+    p.add_argument("--dataset", default="mnist",
+                   help=f"data set name ({', '.join(sorted(DATASETS))}) or path to a .csv "
+                        "file (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data folder (default: $PYROVAE_DATA)")
     p.add_argument("--binarize", type=_binarize, default="dynamic",
-                   choices=["dynamic", "static", None], help="image data: dynamic|static|none")
-    p.add_argument("--train-size", type=int, default=None, help="use the first N training points")
+                   choices=["dynamic", "static", None],
+                   help="image data: dynamic|static|none (default: %(default)s)")
+    p.add_argument("--train-size", type=POSITIVE, default=None,
+                   help="use the first N training points")
     p.add_argument("--data-opt", dest="data_options", action="append", default=[],
                    metavar="KEY=VALUE", help="extra data-set option (JSON value), repeatable")
-    p.add_argument("--z-dim", type=int, default=None, help="latent dimension")
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer sizes")
+    p.add_argument("--z-dim", type=POSITIVE, default=None, help="latent dimension")
+    p.add_argument("--hidden", type=POSITIVE, nargs="+", default=None, help="hidden layer sizes")
     p.add_argument("--activation", default=None, help="network nonlinearity")
     p.add_argument("--likelihood", default=None, help="bernoulli | gaussian (VAE)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -48,23 +96,41 @@ def _add_train(sub) -> None:
     p.add_argument("--method", default="svi", choices=["svi", "em", "sklearn"],
                    help="svi (default), em (the model's EM algorithm) or sklearn "
                         "(its scikit-learn counterpart, for comparison)")
-    p.add_argument("--em-max-iter", type=int, default=500, help="EM iterations at most")
+    p.add_argument("--em-max-iter", type=POSITIVE, default=500,
+                   help="EM iterations at most (default: %(default)s)")
     p.add_argument("--elbo", default=None,
                    help=f"objective (default: the model's, else Trace_ELBO): {', '.join(sorted(ELBOS))}")
-    p.add_argument("--num-particles", type=int, default=1)
-    p.add_argument("--vectorize-particles", action="store_true")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-samples", type=int, default=1000, help="K for the IS log-likelihood")
-    p.add_argument("--eval-points", type=int, default=None, help="evaluate on N test points")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-particles", type=POSITIVE, default=1,
+                   help="samples per data point in each gradient estimate (default: %(default)s)")
+    p.add_argument("--vectorize-particles", action="store_true",
+                   help="draw the particles in one batched pass")
+    p.add_argument("--epochs", type=POSITIVE, default=10,
+                   help="passes over the training set (default: %(default)s)")
+    p.add_argument("--max-steps", type=POSITIVE, default=None,
+                   help="stop after this many steps in total")
+    p.add_argument("--batch-size", type=POSITIVE, default=128,
+                   help="data points per step (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="learning rate (default: %(default)s)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"],
+                   help="optimizer (default: %(default)s)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip and count batches whose loss or gradient is NaN/inf instead of "
+                        "stopping")
+    p.add_argument("--seed", type=COUNT, default=0,
+                   help="decides initial weights, batching and every draw (default: %(default)s)")
+    p.add_argument("--eval-samples", type=COUNT, default=1000,
+                   help="K for the importance-sampled log-likelihood, 0 to skip "
+                        "(default: %(default)s)")
+    p.add_argument("--eval-points", type=POSITIVE, default=None,
+                   help="evaluate on the first N test points (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_spec(args: argparse.Namespace):
@@ -92,6 +158,8 @@ def build_spec(args: argparse.Namespace):
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, progress=not args.no_progress,
     )
+    if args.skip_nonfinite:
+        fit["skip_nonfinite"] = True
     if args.elbo is not None:
         fit["elbo"] = args.elbo
     return RunSpec(
@@ -109,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = build_spec(args)
     try:
-        result = run(spec, resume=args.resume)
+        result = run(spec, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed epoch is saved in {args.out}. "
               f"Continue with the same command plus --resume.", file=sys.stderr)
@@ -131,11 +199,15 @@ def _report(result) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained run folder again")
+    p = sub.add_parser("eval", help="evaluate a trained run folder again",
+                       description="Evaluate the trained model of a run folder again and "
+                       "rewrite its metrics.csv and figures.")
     p.add_argument("run", help="run folder written by pyrovae train")
-    p.add_argument("--num-samples", type=int, default=None, help="K for the IS log-likelihood")
-    p.add_argument("--eval-points", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=COUNT, default=None,
+                   help="K for the importance-sampled log-likelihood (default: the run's)")
+    p.add_argument("--eval-points", type=POSITIVE, default=None,
+                   help="evaluate on the first N test points (default: the run's)")
+    p.add_argument("--seed", type=COUNT, default=0, help="seeds the evaluation draws")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -155,20 +227,26 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyrovae", description=__doc__.split(".")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pyrovae", description="Latent-variable generative models on Pyro: "
+                     "train, evaluate and benchmark them.")
+    parser.add_argument("--version", action="version", version=f"pyrovae {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback when a command fails")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
-    try:
-        from pyrovae.bench.command import add_bench_commands
-    except ImportError:
-        pass
-    else:
-        add_bench_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
 HANDLERS = {"train": _train, "eval": _eval}
+# Errors that carry a message meant for the user.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError,
+               FolderLockedError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -177,9 +255,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = HANDLERS.get(args.command) or getattr(args, "handler", None)
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
-        message = err.args[0] if err.args else str(err)
-        print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (every failure ends in one line; see --debug)
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(err, USER_ERRORS):
+            message = str(err.args[0]) if err.args else str(err)
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            message = (f"unexpected {type(err).__name__}: {first} (rerun with --debug for the "
+                       "traceback and report it)")
+        print(f"pyrovae {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
 
 

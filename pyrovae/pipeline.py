@@ -29,12 +29,12 @@ brings a trained model back from a run folder (or from a folder written by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
-import os
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -44,13 +44,16 @@ import pyro
 import torch
 
 from pyrovae.data import DATASETS, ArrayDataset, load_dataset
+from pyrovae.data.core import check_finite
+from pyrovae.files import FolderLock, check_writable, remove_stale_temporaries, write_atomic
 from pyrovae.data.tabular import load_csv
 from pyrovae.infer.evaluate import Evaluation, evaluate
-from pyrovae.infer.fit import CHECKPOINT_FORMAT, FitConfig, fit, load_checkpoint, save_checkpoint
+from pyrovae.infer.fit import (CHECKPOINT_FORMAT, FitConfig, TrainingDiverged, fit,
+                               load_checkpoint, save_checkpoint)
 from pyrovae.infer.objectives import ELBOS, make_objective
 from pyrovae.models import MODELS
 from pyrovae.models.base import LatentModel, capability, num_data
-from pyrovae.registry import builder_options, signature_options
+from pyrovae.registry import builder_options, builder_target, option_problems, signature_options
 from pyrovae.seeding import seeded
 from pyrovae.version import __version__
 
@@ -86,6 +89,35 @@ class EvalSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _check_eval(ev: EvalSettings) -> None:
+    minimum = {"num_samples": 0, "seed": 0, "grad_draws": 2}
+    for f in fields(EvalSettings):
+        value = getattr(ev, f.name)
+        if f.name == "max_points" and value is None:
+            continue
+        low = minimum.get(f.name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"eval {f.name} must be an integer >= {low}, got {value!r}")
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named ``device``, if this machine has it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device on "
+                             "this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
 @dataclass
 class RunSpec:
     """Everything that decides a run; saved as ``config.json`` in its folder."""
@@ -109,7 +141,7 @@ class RunSpec:
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> "RunSpec":
-        """Raise ``ValueError`` naming the first bad field; return self."""
+        """Raise ``ValueError`` naming the bad field, its value and the fix; return self."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         build = MODELS.get_checked(self.model)
@@ -119,6 +151,9 @@ class RunSpec:
             if unknown:
                 raise ValueError(f"unknown options {unknown} for model {self.model!r}; "
                                  f"it accepts {sorted(accepted)}")
+        problems = option_problems(builder_target(build), self.model_options)
+        if problems:
+            raise ValueError(f"model {self.model!r}: " + "; ".join(problems))
         if not self.dataset.endswith(".csv"):
             DATASETS.get_checked(self.dataset)
         for name in ("train_size", "test_size"):
@@ -128,23 +163,20 @@ class RunSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_eval(self.eval)
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
         if self.method == "svi":
-            self.fit_config()  # FitConfig validates its own fields
-            elbo = self.fit.get("elbo")
-            if isinstance(elbo, str):
-                ELBOS.get_checked(elbo)
+            config = self.fit_config()  # FitConfig validates its own fields
+            if isinstance(config.elbo, str):
+                ELBOS.get_checked(config.elbo)
         elif self.method == "sklearn" and self.model not in SKLEARN_MODELS:
             raise ValueError(f"method 'sklearn' has no counterpart of model {self.model!r}; "
                              f"models with one: {', '.join(SKLEARN_MODELS)}")
         elif self.method == "em" and isinstance(build, type) and not hasattr(build, "fit_em"):
             raise ValueError(f"model {self.model!r} has no EM algorithm; use method 'svi'")
-        if self.device != "cpu" and torch.device(self.device).type == "cuda" \
-                and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device "
-                             "on this machine; use device 'cpu'")
+        check_device(self.device)
         return self
 
     def fit_config(self, resume: bool = False) -> FitConfig:
@@ -256,11 +288,11 @@ def build_model(name: str, x_dim: int, options: Optional[Mapping[str, Any]] = No
 
 
 def _train_svi(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
-               resume: bool, progress: Optional[bool]) -> Dict[str, Any]:
+               resume: bool, progress: Optional[bool], metadata: Dict[str, Any]) -> Dict[str, Any]:
     config = spec.fit_config(resume)
     if progress is not None:
         config = replace(config, progress=progress)
-    result = fit(model, train, test, config=config)
+    result = fit(model, train, test, config=config, metadata=metadata)
     history = result.history
     # Training time of this run only: on resume the history starts earlier.
     seconds = float(history["seconds"].iloc[-1]) if len(history) else 0.0
@@ -446,25 +478,6 @@ def _score(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
 # -- files ----------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: Union[str, bytes]) -> Path:
-    """Write ``path`` through a uniquely named temporary file in its folder,
-    fsync it and rename it into place: a reader sees the old or the new file,
-    never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def versions() -> Dict[str, str]:
     return {"pyrovae_version": __version__, "torch_version": torch.__version__,
             "pyro_version": pyro.__version__}
@@ -483,67 +496,177 @@ def _write_figures(spec: RunSpec, model: Any, history: pd.DataFrame, train: Arra
     return paths
 
 
-def _check_out(spec: RunSpec, resume: bool, evaluate_only: bool) -> Optional[Path]:
-    """The run folder, checked before anything is written."""
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, "history.csv", "metrics.csv")
+# What a resumed run cannot change: its data, its model, its method and seed.
+FIXED_ON_RESUME = ("model", "model_options", "dataset", "dataset_options", "train_split",
+                   "test_split", "train_size", "test_size", "method", "seed", "device")
+FIXED_FIT_ON_RESUME = ("optimizer",)
+# Settings that change nothing of a run's numbers.
+IGNORED_ON_RESUME = ("progress",)
+
+
+def _saved_spec(out: Path) -> Optional[RunSpec]:
+    """The spec a run folder was trained with: the checkpoint's copy (written
+    with the weights, so the two always belong together), else config.json."""
+    if (out / CHECKPOINT_FILE).exists():
+        saved = load_checkpoint(out / CHECKPOINT_FILE).get("metadata", {}).get("spec")
+        if saved:
+            return RunSpec.from_dict(saved)
+    if (out / CONFIG_FILE).exists():
+        return read_spec(out)
+    return None
+
+
+def resume_changes(saved: RunSpec, spec: RunSpec, out: Path) -> List[str]:
+    """The differences between a saved run and the spec resuming it, one line
+    each; raises ``ValueError`` listing those that cannot apply."""
+    refused, applied = [], []
+    for name in FIXED_ON_RESUME:
+        old, new = getattr(saved, name), getattr(spec, name)
+        if old != new:
+            refused.append(f"{name} {old!r} -> {new!r}")
+    for key in sorted(set(saved.fit) | set(spec.fit)):
+        old, new = saved.fit.get(key), spec.fit.get(key)
+        if old == new or key in IGNORED_ON_RESUME:
+            continue
+        (refused if key in FIXED_FIT_ON_RESUME else applied).append(f"fit.{key} {old!r} -> {new!r}")
+    for f in fields(EvalSettings):
+        old, new = getattr(saved.eval, f.name), getattr(spec.eval, f.name)
+        if old != new:
+            applied.append(f"eval.{f.name} {old!r} -> {new!r}")
+    if tuple(saved.metrics) != tuple(spec.metrics):
+        applied.append(f"metrics {list(saved.metrics)} -> {list(spec.metrics)}")
+    if refused:
+        raise ValueError(
+            f"{out} holds a run that differs in what cannot change on resume: "
+            f"{'; '.join(refused)}; resume with the run's own settings, or start a new run "
+            "in another --out (or replace this one with --overwrite)"
+        )
+    return [f"resume: {line} (applied)" for line in applied]
+
+
+def _check_out(spec: RunSpec, resume: bool, overwrite: bool,
+               evaluate_only: bool) -> Tuple[Optional[Path], List[str]]:
+    """The run folder and what resuming changes, checked before anything is written."""
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces it; choose one")
     if spec.out is None:
         if resume or evaluate_only:
             raise ValueError("resuming or re-evaluating a run needs its folder (out)")
-        return None
-    out = Path(spec.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
-    config_path = out / CONFIG_FILE
-    if (resume or evaluate_only) and config_path.exists():
-        saved = RunSpec.from_dict(json.loads(config_path.read_text()))
-        for name in ("model", "model_options", "dataset", "dataset_options", "method"):
-            if getattr(saved, name) != getattr(spec, name):
-                raise ValueError(
-                    f"{out} holds a run with {name} = {getattr(saved, name)!r}, not "
-                    f"{getattr(spec, name)!r}; resume it with the same {name}, or choose "
-                    "another --out"
-                )
-    elif evaluate_only:
-        raise FileNotFoundError(f"{out} is not a pyrovae run folder: no {CONFIG_FILE}")
-    return out
+        return None, []
+    out = check_writable(spec.out)
+    existing = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if evaluate_only:
+        if not (out / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{out} is not a pyrovae run folder: no {CONFIG_FILE}")
+        saved = read_spec(out)
+        if saved.method != "sklearn" and not (out / CHECKPOINT_FILE).exists():
+            raise FileNotFoundError(f"{out} has no {CHECKPOINT_FILE}: the run never finished "
+                                    "an epoch; train it again")
+        return out, []
+    if resume:
+        if spec.method != "svi":
+            raise ValueError(f"--resume continues SVI training; a {spec.method} run starts anew "
+                             "(use --overwrite)")
+        if not (out / CHECKPOINT_FILE).exists():
+            raise ValueError(f"nothing to resume in {out}: no {CHECKPOINT_FILE} there; check "
+                             "--out, or start the run without --resume")
+        saved = _saved_spec(out)
+        return out, ([] if saved is None else resume_changes(saved, spec, out))
+    if existing and not overwrite:
+        saved = None
+        try:
+            saved = _saved_spec(out)
+        except (ValueError, FileNotFoundError):
+            pass
+        what = f"a run of {saved.model} on {saved.dataset}" if saved is not None else "a run"
+        raise ValueError(f"{out} already holds {what}; add --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    return out, []
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    for png in out.glob("*.png"):
+        png.unlink()
+
+
+def _check_splits(model: Any, train: ArrayDataset, test: ArrayDataset, seed: int) -> None:
+    """Both splits as the model will see them: finite, and scorable by its likelihood."""
+    check_data = capability(model, "check_data") if model is not None else None
+    for name, split in (("the training split", train), ("the test split", test)):
+        x = split.fixed(seed)
+        check_finite(x, name)
+        if check_data is not None:
+            try:
+                check_data(x)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
 
 
 # -- the pipeline ---------------------------------------------------------------------
 
 
-def run(spec: RunSpec, *, resume: bool = False, evaluate_only: bool = False,
-        progress: Optional[bool] = None) -> RunResult:
+def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
+        evaluate_only: bool = False, progress: Optional[bool] = None) -> RunResult:
     """Take ``spec`` to a finished run.
+
+    Everything is checked (the spec, both data splits, the model, the run
+    folder) before anything is written: a run that fails a check leaves no
+    folder behind and changes nothing in an existing one. Files are written
+    atomically, under a lock on the folder that makes a second writer fail at
+    once.
 
     Args:
         spec: the run. With ``spec.out`` the run writes its folder.
-        resume: continue SVI training from ``spec.out``'s last checkpoint.
+        resume: continue SVI training from ``spec.out``'s last checkpoint;
+            changes that can apply (learning rate, epochs, evaluation) are
+            applied and listed in ``RunResult.notes``, others refused.
+        overwrite: replace a finished run in ``spec.out`` (without it, an
+            existing run folder is refused).
         evaluate_only: load the trained model from ``spec.out`` instead of
             training, then evaluate it with ``spec.eval`` (``pyrovae eval``).
         progress: show progress bars (default: the spec's ``fit.progress``).
     """
     spec = spec.check()
-    out = _check_out(spec, resume, evaluate_only)
+    out, notes = _check_out(spec, resume, overwrite, evaluate_only)
     t0 = time.perf_counter()
     train, test = load_data(spec)
     if train.dim != test.dim:
         raise ValueError(f"the train split has {train.dim} columns but the test split "
                          f"{test.dim}")
     metrics: Dict[str, Any] = {"n_train": len(train), "n_test": len(test)}
-    notes: List[str] = []
     options = model_options(spec, train.dim, len(train))
+    model = None
+    if spec.method != "sklearn":
+        model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
+    _check_splits(model, train, test, spec.eval.seed)
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(FolderLock(out, what="run"))
+            remove_stale_temporaries(out)
+            if overwrite:
+                _clear_run(out)
+        return _execute(spec, out, model, options, train, test, metrics, notes, resume,
+                        evaluate_only, progress, t0)
+
+
+def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, Any],
+             train: ArrayDataset, test: ArrayDataset, metrics: Dict[str, Any],
+             notes: List[str], resume: bool, evaluate_only: bool,
+             progress: Optional[bool], t0: float) -> RunResult:
     history = pd.DataFrame()
     objective = None
+    evaluation = None
+    config = {**spec.to_dict(), "x_dim": train.dim, "built_options": options, **versions()}
+    if out is not None and not evaluate_only:
+        write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, default=str))
     if spec.method == "sklearn":
         model, fitted = _run_sklearn(spec, train, test)
         metrics.update(fitted)
-        evaluation = None
     else:
-        model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
-        if out is not None and not evaluate_only:
-            out.mkdir(parents=True, exist_ok=True)
-            config = {**spec.to_dict(), "x_dim": train.dim, "built_options": options,
-                      **versions()}
-            write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, default=str))
         if evaluate_only:
             _load_state(model, out)
             history_path = out / "history.csv"
@@ -559,11 +682,26 @@ def run(spec: RunSpec, *, resume: bool = False, evaluate_only: bool = False,
                 save_checkpoint(out / CHECKPOINT_FILE, {
                     "format": CHECKPOINT_FORMAT, "model_state": model.state_dict(),
                     "config": {"method": "em"}, "epoch": 0, "step": metrics["steps"],
+                    "metadata": {"spec": spec.to_dict()}, "versions": versions(),
                 })
         else:
             if "gradients" in spec.metrics:
                 metrics.update(_initial_gradients(spec, train, test, options))
-            fitted = _train_svi(spec, model, train, test, resume, progress)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", RuntimeWarning)
+                    fitted = _train_svi(spec, model, train, test, resume, progress,
+                                        metadata={"spec": spec.to_dict(), "x_dim": train.dim,
+                                                  "built_options": options})
+            except TrainingDiverged as err:
+                if out is not None and len(err.history):
+                    write_atomic(out / "history.csv", err.history.to_csv(index=False))
+                raise
+            for w in caught:
+                if issubclass(w.category, RuntimeWarning) and "exploding" in str(w.message):
+                    notes.append(str(w.message))
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             history = fitted.pop("history")
             objective = fitted.pop("objective")
             fitted.pop("config")
@@ -579,7 +717,6 @@ def run(spec: RunSpec, *, resume: bool = False, evaluate_only: bool = False,
     metrics["wall_seconds"] = time.perf_counter() - t0
     figures: List[Path] = []
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         if not evaluate_only and len(history):
             write_atomic(out / "history.csv", history.to_csv(index=False))
         frame = (evaluation.to_frame() if evaluation is not None

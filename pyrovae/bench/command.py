@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -79,6 +80,7 @@ def add_bench_commands(subparsers) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from pyrovae.bench.runner import cell_label, run_suite
     from pyrovae.bench.spec import load_suite
+    from pyrovae.files import FolderLockedError
 
     if args.data_root is not None:
         os.environ["PYROVAE_DATA"] = str(Path(args.data_root).expanduser())
@@ -94,13 +96,18 @@ def _run(args: argparse.Namespace) -> int:
             suite, args.out, jobs=args.jobs, progress=not args.no_progress,
             retry_errors=args.retry_errors, fail_fast=args.fail_fast, threads=args.threads,
         )
-    except KeyboardInterrupt:
+    except FolderLockedError as err:
+        print(f"pyrovae bench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         print(
-            f"pyrovae bench: interrupted; the finished cells are in {Path(args.out) / 'results.csv'}; "
+            f"pyrovae bench: {how}; the finished cells are in {Path(args.out) / 'results.csv'}; "
             "run the same command again to continue",
             file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     print(
         f"suite {suite.name}: {summary.cells} cells, {summary.skipped} already done, "
         f"{summary.ran} run now ({summary.errors} failed) in {summary.seconds:.1f} s"
@@ -114,6 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pyrovae.bench.compare import COMPARE_METRICS, DEFAULT_IGNORE, compare_results
     from pyrovae.bench.report import to_markdown
+    from pyrovae.files import write_atomic
 
     table = compare_results(
         args.a, args.b, ignore=args.ignore if args.ignore is not None else DEFAULT_IGNORE,
@@ -121,7 +129,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     b = Path(args.b)
     out = Path(args.out) if args.out else (b if b.is_dir() else b.parent) / "compare.csv"
-    table.to_csv(out, index=False)
+    write_atomic(out, table.to_csv(index=False))
     print(f"A = {args.a}\nB = {args.b}\n")
     print(to_markdown(table))
     print(f"written: {out}")
@@ -133,6 +141,7 @@ def _report(args: argparse.Namespace) -> int:
     from pyrovae.bench.results import load_results
     from pyrovae.bench.runner import SUITE_COPY
     from pyrovae.bench.spec import load_suite
+    from pyrovae.files import FolderLock, FolderLockedError
 
     suite = None
     copy = Path(args.out) / SUITE_COPY
@@ -141,7 +150,13 @@ def _report(args: argparse.Namespace) -> int:
             suite = load_suite(copy)
         except ValueError:
             suite = None
-    path = write_report(load_results(args.out), args.out, suite=suite)
+    frame = load_results(args.out)
+    try:
+        with FolderLock(args.out, what="suite"):  # not while a suite writes there
+            path = write_report(frame, args.out, suite=suite)
+    except FolderLockedError as err:
+        print(f"pyrovae bench: error: {err}", file=sys.stderr)
+        return 2
     print(f"report: {path}")
     return 0
 

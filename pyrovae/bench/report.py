@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pyrovae.bench.results import CELL_COLUMNS, METRIC_COLUMNS
+from pyrovae.files import atomic_path, write_atomic
 
 # Columns that identify a group of cells differing only by seed.
 GROUP_COLUMNS = [
@@ -233,8 +234,14 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        # Written beside the target and renamed over it: a report is never
+        # seen, or left by a kill, half-drawn. The temporary name hides the
+        # format from matplotlib, so it is named.
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -442,7 +449,7 @@ def write_report(
         rows = rows.assign(_rank=rows["cell_key"].map(rank)).sort_values(
             "_rank", kind="stable", na_position="last").drop(columns="_rank")
     summary = summarize(rows)
-    summary.to_csv(out / "summary.csv", index=False)
+    write_atomic(out / "summary.csv", summary.to_csv(index=False))
     name = getattr(suite, "name", None) or (rows["suite"].iloc[0] if len(rows) else "benchmark")
     ok = int((rows["status"] == "ok").sum())
     failed = rows[rows["status"] != "ok"]
@@ -503,6 +510,4 @@ def write_report(
         lines += ["## Failed cells", ""]
         table = add_labels(failed)[["cell_key", "panel", "objective_label", "budget", "seed", "error"]]
         lines += [to_markdown(table), ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out / "report.md", "\n".join(lines))

@@ -6,18 +6,29 @@ the cells that were running. A rerun reads the file, skips every cell whose
 key is already there and runs the rest. With ``jobs > 1`` cells run in
 separate processes (spawn context, each with a fair share of the CPU threads)
 while the parent alone writes rows, in the order they finish.
+
+A suite never leaves orphans: workers die with their parent however it dies
+(``PR_SET_PDEATHSIG`` on Linux, plus a watchdog thread polling the parent pid
+everywhere), and SIGTERM or SIGHUP stop a suite the way Ctrl-C does: the cells
+in flight are stopped, the finished rows stay, and a rerun continues. The
+output folder is locked (:class:`pyrovae.files.FolderLock`) while a suite
+writes to it, so a second ``bench run`` into it fails at once.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import contextlib
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 import pyro
@@ -31,9 +42,14 @@ from pyrovae.bench.results import (
     ResultsFile,
 )
 from pyrovae.bench.spec import Cell, Suite, canonical_json
+from pyrovae.files import FolderLock, remove_stale_temporaries, write_atomic
 from pyrovae.pipeline import RunSpec, run, versions
 
 SUITE_COPY = "suite.toml"
+# Signals that stop a suite the way Ctrl-C does (SIGINT keeps Python's own
+# handler, which raises KeyboardInterrupt).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+WATCHDOG_INTERVAL = 0.5  # seconds between a worker's checks that its parent lives
 
 
 # -- one cell ----------------------------------------------------------------------
@@ -137,7 +153,84 @@ class RunSummary:
     results: pd.DataFrame = field(repr=False)
 
 
-def _init_worker(threads: int, env: Dict[str, str]) -> None:
+class SuiteInterrupted(KeyboardInterrupt):
+    """A suite stopped by a signal; ``signum`` says which (the exit status of
+    ``pyrovae bench run`` is 128 + signum: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`SuiteInterrupted` (a
+    ``KeyboardInterrupt``) in the main thread for the duration of the block,
+    then restore the previous handlers. The first signal raises; later ones
+    are ignored so that they cannot cut the cleanup short. Outside the main
+    thread Python cannot set handlers and the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise SuiteInterrupted(signum)
+
+    previous = {}
+    try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, handler)
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker process end when ``parent`` does, however it ends.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``).
+    That signal fires when the *thread* that started this process exits; in
+    Python 3.11 ``ProcessPoolExecutor`` with a non-fork context starts its
+    workers from ``submit``, i.e. from the thread that runs the suite (the
+    executor's manager thread starts workers only with ``max_tasks_per_child``,
+    which the runner does not use), and that thread outlives the pool. The
+    watchdog thread below is the portable fallback: it polls the parent pid
+    and exits at once when this process has been reparented.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="pyrovae-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(threads: int, env: Dict[str, str], parent: Optional[int] = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
+    # tqdm would otherwise create a multiprocessing lock (a named semaphore)
+    # on a worker's first bar; a worker stopped with its suite cannot release
+    # it, and the resource tracker then warns about it on the suite's stderr.
+    from tqdm.std import tqdm as std_tqdm
+
+    std_tqdm.set_lock(threading.RLock())
     os.environ.update(env)
     torch.set_num_threads(threads)
 
@@ -170,18 +263,34 @@ def run_suite(
             worker processes, unchanged when ``jobs == 1``). Timings of small
             models are steadier with 1 on a busy machine.
         on_row: called with each row after it is written.
-    """
-    from tqdm.auto import tqdm
 
+    Raises:
+        pyrovae.files.FolderLockedError: another process writes to ``out_dir``.
+        SuiteInterrupted: SIGTERM or SIGHUP stopped the suite (a
+            ``KeyboardInterrupt``, as Ctrl-C raises); the finished rows are
+            in ``results.csv`` and a rerun continues from them.
+    """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, what="suite"), _stop_on_signals():
+        return _run_suite_locked(suite, out, t0, jobs=jobs, progress=progress,
+                                 retry_errors=retry_errors, fail_fast=fail_fast, report=report,
+                                 threads=threads, on_row=on_row)
+
+
+def _run_suite_locked(suite: Suite, out: Path, t0: float, *, jobs: int, progress: bool,
+                      retry_errors: bool, fail_fast: bool, report: bool, threads: Optional[int],
+                      on_row: Optional[Callable[[Dict[str, Any]], None]]) -> RunSummary:
+    """The body of :func:`run_suite`, run holding the folder's lock."""
+    from tqdm.auto import tqdm
+
+    remove_stale_temporaries(out)  # half-written files of a killed suite
     if suite.text:
-        (out / SUITE_COPY).write_text(suite.text)
+        write_atomic(out / SUITE_COPY, suite.text)
     results = ResultsFile(out / RESULTS_FILE)
     results.repair()
     cells = suite.cells()
@@ -236,7 +345,7 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
     env = {k: v for k, v in os.environ.items() if k.startswith("PYROVAE_")}
     pool = ProcessPoolExecutor(
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(threads, env),
+        initializer=_init_worker, initargs=(threads, env, os.getpid()),
     )
     pending: Dict[Future, Cell] = {}
     queue = list(todo)
@@ -257,6 +366,11 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
         if not finished_normally:
             # Interrupted (Ctrl-C, an error in the parent): stop the cells in
             # flight now rather than let them run on with nobody to record them.
-            for process in list(getattr(pool, "_processes", {}).values()):
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            for process in processes:
                 process.terminate()
-        pool.shutdown(wait=finished_normally, cancel_futures=True)
+            for process in processes:
+                process.join(timeout=5)
+        # With the workers gone the pool's manager thread ends at once; waiting
+        # for it lets the pool release its queues' semaphores before exit.
+        pool.shutdown(wait=True, cancel_futures=True)

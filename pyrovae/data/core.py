@@ -274,3 +274,16 @@ def as_dataset(
     if dtype is None and isinstance(data, torch.Tensor) and data.is_floating_point():
         dtype = data.dtype
     return ArrayDataset(as_tensor(data, dtype=dtype, device=device, name=name or "data"), name=name)
+
+
+def check_finite(x: torch.Tensor, name: str = "data") -> None:
+    """Raise ``ValueError`` naming the first NaN or infinite value of ``x``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0].tolist()[:2]) if x.dim() == 2 \
+            else (int(bad.nonzero()[0][0]), 0)
+        raise ValueError(
+            f"{name} has {int(bad.sum())} NaN or infinite values (the first in row {row}, "
+            f"column {col}: {x[row, col].item() if x.dim() == 2 else x[row].item()}); "
+            "drop or impute them first"
+        )

@@ -35,7 +35,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import prune_subsample_sites
 
-from pyrovae.data.core import ArrayDataset, as_dataset
+from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
 from pyrovae.infer.program import Program, data_placement, resolve
 from pyrovae.infer.traces import PARTICLE_PLATE, pointwise_log_prob, sample_log_weights
 from pyrovae.models.base import capability
@@ -389,6 +389,7 @@ def evaluate(
     x = data.fixed(seed)
     if max_points is not None:
         x = x[:max_points]
+    check_finite(x, "the evaluation data")
     check_data = capability(model, "check_data")
     if check_data is not None:
         check_data(x)
@@ -420,6 +421,14 @@ def evaluate(
         reconstruct = capability(model, "reconstruct")
         if reconstruct is not None:
             recon_error = (reconstruct(x) - x).pow(2).sum(-1).mean().item()
+    if not all(math.isfinite(v) for v in (elbo, *([iwae] if num_samples else []))) or \
+            (log_marginal is not None and not math.isfinite(exact)):
+        raise ValueError(
+            f"evaluation gave a non-finite result (ELBO {elbo}, log-likelihood "
+            f"{exact if log_marginal is not None else iwae}): the data (largest |x| = "
+            f"{x.abs().max().item():.3g}) is far outside what this model can score in "
+            f"{x.dtype}; standardize it or check the model's parameters"
+        )
     if not math.isnan(exact):
         ll, ll_se, method = exact, exact_se, "exact"
     elif is_global:

@@ -18,17 +18,19 @@ make them reproducible too, as ``pyrovae train`` and suite cells do.
 from __future__ import annotations
 
 import math
-import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import pandas as pd
+import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyrovae.data.core import ArrayDataset, as_dataset
+from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
+from pyrovae.files import atomic_path
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import data_placement, resolve
 from pyrovae.models.base import capability
@@ -42,8 +44,31 @@ OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
 }
 HISTORY_COLUMNS = [
-    "epoch", "step", "train_elbo", "test_elbo", "test_recon", "test_kl", "seconds",
+    "epoch", "step", "train_elbo", "test_elbo", "test_recon", "test_kl", "seconds", "lr",
+    "skipped",
 ]
+# A per-point loss this many times larger than at the start (plus a margin for
+# losses near zero) means training is running away.
+EXPLOSION_FACTOR = 1e3
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or a gradient became NaN or infinite.
+
+    ``history`` holds the epochs completed before; the last checkpoint, if
+    any, is the one of the last completed epoch.
+    """
+
+    def __init__(self, message: str, history: pd.DataFrame) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+def _versions() -> Dict[str, str]:
+    from pyrovae.version import __version__
+
+    return {"pyrovae": str(__version__), "torch": str(torch.__version__), "pyro": str(pyro.__version__)}
+
 
 
 @dataclass
@@ -66,6 +91,7 @@ class FitConfig:
     checkpoint_dir: Optional[str] = None  # where checkpoint.pt goes (None: nowhere)
     resume: bool = False  # continue from checkpoint_dir/checkpoint.pt if present
     progress: bool = True  # show a progress bar
+    skip_nonfinite: bool = False  # skip (and count) batches with a NaN/inf loss or gradient
 
     def __post_init__(self) -> None:
         checks = [
@@ -110,6 +136,14 @@ class FitResult:
         return self.history.iloc[-1]
 
 
+def _finite_gradients(params: List[torch.Tensor]) -> bool:
+    """Whether every gradient is finite (one reduction, one host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def _loss_and_grads(objective: Any, model_fn: Callable, guide_fn: Callable, x: torch.Tensor) -> float:
     """One gradient evaluation. ``differentiable_loss`` reaches every tensor the
     programs use; Pyro's ``loss_and_grads`` only runs backward when the trace
@@ -123,10 +157,11 @@ def _loss_and_grads(objective: Any, model_fn: Callable, guide_fn: Callable, x: t
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never corrupts the last checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically and durably (a unique temporary file, fsynced, then
+    renamed): a crash mid-write never corrupts the last checkpoint, and two
+    writers never share a temporary file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
@@ -137,9 +172,20 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         path = path / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a pyrovae checkpoint (format {state.get('format')})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (torch raises many kinds for bad files)
+        kind = "holds objects other than tensors and plain containers" \
+            if "weights_only" in str(err) or "Unpickl" in type(err).__name__ \
+            else "is damaged or truncated"
+        raise ValueError(
+            f"{path} {kind}, so it was not loaded: pyrovae only reads checkpoints it "
+            "wrote, and never runs code from one; restore the file from a backup or "
+            "train again"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a pyrovae checkpoint (format {found})")
     return state
 
 
@@ -150,6 +196,7 @@ def fit(
     *,
     guide: Optional[Callable] = None,
     config: Optional[FitConfig] = None,
+    metadata: Optional[Dict[str, Any]] = None,
     **overrides: Any,
 ) -> FitResult:
     """Train ``model`` (and its guide) with SVI.
@@ -162,6 +209,15 @@ def fit(
         test: held-out data for the per-epoch held-out ELBO (optional).
         guide: the guide callable when ``model`` is a bare callable.
         config: a :class:`FitConfig`; keyword ``overrides`` replace its fields.
+        metadata: plain data stored in every checkpoint (a run's spec).
+
+    On resume the optimizer state is restored and then the configured
+    learning rate applied, so a lowered ``lr`` takes effect; ``history``
+    records the rate of every epoch.
+
+    Raises :class:`TrainingDiverged` when the loss or a gradient becomes NaN
+    or infinite (unless ``skip_nonfinite``), naming the step and epoch; the
+    checkpoint of the last completed epoch stays as it was.
 
     Returns:
         :class:`FitResult` whose ``history`` has one row per epoch: ``epoch``,
@@ -184,6 +240,9 @@ def fit(
     test = None if test is None else as_dataset(test, "test", dtype=dtype, device=device)
     if train.dim != (test.dim if test is not None else train.dim):
         raise ValueError(f"train data has {train.dim} columns but test data has {test.dim}")
+    check_finite(train.x, "the training data")
+    if test is not None:
+        check_finite(test.x, "the test data")
     check_data = capability(model, "check_data")
     if check_data is not None:
         check_data(train.x[:1000] if train.binarize != "dynamic" else train.fixed()[:1000])
@@ -220,8 +279,12 @@ def fit(
                 if name in store_only:
                     store_only[name].data.copy_(value)
             optim.load_state_dict(state["optimizer"])
+            for group in optim.param_groups:
+                group["lr"] = config.lr
             epoch, step, seconds = state["epoch"], state["step"], state["seconds"]
-            history = [dict(zip(state["history"]["columns"], row)) for row in state["history"]["rows"]]
+            history = [{"lr": float("nan"), "skipped": 0,
+                        **dict(zip(state["history"]["columns"], row))}
+                       for row in state["history"]["rows"]]
             torch.set_rng_state(state["torch_rng"])
             gen.set_state(state["generator_rng"])
 
@@ -232,11 +295,13 @@ def fit(
                    desc="fit", unit="step", leave=False)
         on_step = getattr(objective, "on_step", None)
         start_step = step
+        start_loss: Optional[float] = None if not history else state.get("start_loss")
+        warned = False
         out_of_time = False
         while epoch < config.epochs and step < total and not out_of_time:
             program.train()
             t0 = time.perf_counter()
-            losses, sizes = [], []
+            losses, sizes, skipped = [], [], 0
             for xb in train.batches(config.batch_size, gen):
                 if step >= total:
                     break
@@ -253,15 +318,39 @@ def fit(
                         "networks with pyro.module(name, net) (LatentModel.register) inside "
                         "model/guide, or use pyro.param"
                     )
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the loss became {loss} at step {step}; lower the learning rate "
-                        f"(now {config.lr}) or check the data for NaN/inf"
+                bad = None if math.isfinite(loss) else f"the loss became {loss}"
+                if bad is None and not _finite_gradients(params):
+                    bad = "a gradient became NaN or infinite"
+                if bad is not None:
+                    optim.zero_grad(set_to_none=True)
+                    if config.skip_nonfinite:
+                        skipped += 1
+                        step += 1
+                        bar.update(1)
+                        continue
+                    bar.close()
+                    where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
+                             if ckpt_path is not None and epoch > 0 else "")
+                    raise TrainingDiverged(
+                        f"{bad} at step {step + 1} (epoch {epoch + 1}){where}; lower the "
+                        f"learning rate (now {config.lr}) and resume, check the data for "
+                        "NaN/inf, or skip such batches with skip_nonfinite",
+                        pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                    )
+                size = num_data or xb.shape[0]
+                if start_loss is None:
+                    start_loss = loss / size
+                elif not warned and abs(loss / size) > EXPLOSION_FACTOR * (abs(start_loss) + 1.0):
+                    warned = True
+                    warnings.warn(
+                        f"the loss is exploding: {loss / size:.4g} per data point at step "
+                        f"{step + 1} against {start_loss:.4g} at the start; lower the learning "
+                        f"rate (now {config.lr})", RuntimeWarning, stacklevel=2,
                     )
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 losses.append(loss)
-                sizes.append(num_data or xb.shape[0])
+                sizes.append(size)
                 step += 1
                 bar.update(1)
                 if step % 20 == 0:
@@ -272,7 +361,7 @@ def fit(
                 "epoch": epoch, "step": step,
                 "train_elbo": -sum(losses) / max(sum(sizes), 1) if losses else float("nan"),
                 "test_elbo": float("nan"), "test_recon": float("nan"), "test_kl": float("nan"),
-                "seconds": seconds,
+                "seconds": seconds, "lr": config.lr, "skipped": skipped,
             }
             last = epoch >= config.epochs or step >= total or out_of_time
             if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
@@ -301,6 +390,9 @@ def fit(
                     "torch_rng": torch.get_rng_state(),
                     "generator_rng": gen.get_state(),
                     "config": config.to_dict(),
+                    "start_loss": start_loss,
+                    "versions": _versions(),
+                    "metadata": metadata or {},
                 })
         bar.close()
     program.eval()

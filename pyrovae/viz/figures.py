@@ -17,15 +17,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from pyrovae.files import atomic_path  # noqa: E402
+
 PathLike = Union[str, Path]
 
 
 def save_figure(fig: "plt.Figure", path: PathLike) -> Path:
-    """Write ``fig`` to ``path`` (creating its folder), close it, return the path."""
+    """Write ``fig`` to ``path`` atomically (creating its folder), close it,
+    return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
