@@ -251,7 +251,10 @@ def _one_line(text: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 2
     handler = HANDLERS.get(args.command) or getattr(args, "handler", None)
     try:
         return handler(args)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
 from pyrovae.files import atomic_path
 from pyrovae.infer.objectives import make_objective
-from pyrovae.infer.program import data_placement, resolve
+from pyrovae.infer.program import data_placement, module_of, resolve
 from pyrovae.models.base import capability
 from pyrovae.seeding import derive_seed, seeded
 
@@ -253,6 +253,12 @@ def fit(
     steps_per_epoch = train.steps_per_epoch(config.batch_size)
     test_x = None if test is None else test.fixed(seed=config.seed)[: config.eval_size]
 
+    owner = module_of(model)
+    if owner is not None:
+        bad = [n for n, p in owner.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"the model's parameters {bad[:3]} hold NaN or infinite values "
+                             "before training; rebuild the model or load a good checkpoint")
     with seeded(config.seed, train.x.device):
         gen = torch.Generator(device=train.x.device).manual_seed(config.seed)
         program = resolve(model, guide, train.x[: config.batch_size], require_params=True)
@@ -311,7 +317,14 @@ def fit(
                         break
                 if on_step is not None:
                     on_step(step)
-                loss = _loss_and_grads(objective, model_fn, guide_fn, xb)
+                try:
+                    loss = _loss_and_grads(objective, model_fn, guide_fn, xb)
+                except ValueError:
+                    # Pyro's argument validation is where NaN parameters
+                    # usually surface; name the divergence, not the symptom.
+                    if all(bool(torch.isfinite(p).all()) for p in params):
+                        raise
+                    loss = float("nan")
                 if step == start_step and not any(p.grad is not None for p in params):
                     raise ValueError(
                         "the objective produced no gradients for the parameters: register "
@@ -319,6 +332,8 @@ def fit(
                         "model/guide, or use pyro.param"
                     )
                 bad = None if math.isfinite(loss) else f"the loss became {loss}"
+                if bad is not None and not all(bool(torch.isfinite(p).all()) for p in params):
+                    bad = "a parameter became NaN or infinite"
                 if bad is None and not _finite_gradients(params):
                     bad = "a gradient became NaN or infinite"
                 if bad is not None:
