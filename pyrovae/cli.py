@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from pyrovae.bench.command import add_bench_commands
@@ -114,6 +115,24 @@ def _add_train(sub) -> None:
                    help="learning rate (default: %(default)s)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"],
                    help="optimizer (default: %(default)s)")
+    p.add_argument("--elbo-opt", dest="elbo_options", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="objective option (JSON value), repeatable: e.g. beta=4 and "
+                        "warmup_steps=1000 for BetaELBO, alpha=0.5 for RenyiELBO, "
+                        "estimator=dreg for IWAE")
+    p.add_argument("--lr-schedule", default=None, metavar="SCHEDULE",
+                   help="cosine | step:N:GAMMA | exponential:GAMMA | warmup:N (default: constant)")
+    p.add_argument("--early-stopping", type=POSITIVE, default=None, metavar="N",
+                   help="stop after N held-out evaluations without a gain in ELBO")
+    p.add_argument("--clip-grad", type=_positive_float, default=None, metavar="X",
+                   help="clip the gradient's total norm to X")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="write TensorBoard event files (scalars, ELBO figures) into DIR")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="log parameters, metrics and the run folder to MLflow (URI: a tracking "
+                        "server or store; default: MLflow's own, or $MLFLOW_TRACKING_URI)")
+    p.add_argument("--mlflow-experiment", default="pyrovae",
+                   help="MLflow experiment name (default: %(default)s)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip and count batches whose loss or gradient is NaN/inf instead of "
                         "stopping")
@@ -160,6 +179,12 @@ def build_spec(args: argparse.Namespace):
     )
     if args.skip_nonfinite:
         fit["skip_nonfinite"] = True
+    elbo_options = _parse_set(args.elbo_options)
+    if elbo_options:
+        fit["elbo_options"] = elbo_options
+    for key in ("lr_schedule", "early_stopping", "clip_grad"):
+        if getattr(args, key) is not None:
+            fit[key] = getattr(args, key)
     if args.elbo is not None:
         fit["elbo"] = args.elbo
     return RunSpec(
@@ -175,13 +200,33 @@ def build_spec(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from pyrovae.pipeline import run
 
+    from pyrovae.infer.callbacks import MLflowLogger, TensorBoardLogger
+
     spec = build_spec(args)
+    callbacks: List[Any] = []
+    if args.tensorboard is not None:
+        callbacks.append(TensorBoardLogger(args.tensorboard))
+    mlflow_logger = None
+    if args.mlflow is not None:
+        mlflow_logger = MLflowLogger(args.mlflow or None, experiment=args.mlflow_experiment,
+                                     run_name=Path(args.out).name, params={"model": args.model,
+                                     "dataset": args.dataset, "seed": args.seed},
+                                     end_with_fit=False)
+        callbacks.append(mlflow_logger)
     try:
-        result = run(spec, resume=args.resume, overwrite=args.overwrite)
+        result = run(spec, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks)
     except KeyboardInterrupt:
+        if mlflow_logger is not None:
+            mlflow_logger.finish(failed=True)
         print(f"\ninterrupted; the last completed epoch is saved in {args.out}. "
               f"Continue with the same command plus --resume.", file=sys.stderr)
         return 130
+    except BaseException:
+        if mlflow_logger is not None:
+            mlflow_logger.finish(failed=True)
+        raise
+    if mlflow_logger is not None:
+        mlflow_logger.finish(metrics=result.metrics, artifact_dir=result.out)
     _report(result)
     return 0
 

@@ -288,11 +288,12 @@ def build_model(name: str, x_dim: int, options: Optional[Mapping[str, Any]] = No
 
 
 def _train_svi(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
-               resume: bool, progress: Optional[bool], metadata: Dict[str, Any]) -> Dict[str, Any]:
+               resume: bool, progress: Optional[bool], metadata: Dict[str, Any],
+               callbacks: Optional[List[Any]] = None) -> Dict[str, Any]:
     config = spec.fit_config(resume)
     if progress is not None:
         config = replace(config, progress=progress)
-    result = fit(model, train, test, config=config, metadata=metadata)
+    result = fit(model, train, test, config=config, metadata=metadata, callbacks=callbacks)
     history = result.history
     # Training time of this run only: on resume the history starts earlier.
     seconds = float(history["seconds"].iloc[-1]) if len(history) else 0.0
@@ -302,6 +303,7 @@ def _train_svi(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDatase
         "train_seconds": seconds,
         "ms_per_step": 1000.0 * seconds / result.steps if result.steps else NAN,
         "last_train_elbo": float(history["train_elbo"].iloc[-1]) if len(history) else NAN,
+        "stopped": result.stopped,
     }
 
 
@@ -610,7 +612,8 @@ def _check_splits(model: Any, train: ArrayDataset, test: ArrayDataset, seed: int
 
 
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
-        evaluate_only: bool = False, progress: Optional[bool] = None) -> RunResult:
+        evaluate_only: bool = False, progress: Optional[bool] = None,
+        callbacks: Optional[List[Any]] = None) -> RunResult:
     """Take ``spec`` to a finished run.
 
     Everything is checked (the spec, both data splits, the model, the run
@@ -629,6 +632,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
         evaluate_only: load the trained model from ``spec.out`` instead of
             training, then evaluate it with ``spec.eval`` (``pyrovae eval``).
         progress: show progress bars (default: the spec's ``fit.progress``).
+        callbacks: loggers and monitors for SVI training
+            (:mod:`pyrovae.infer.callbacks`); they watch, the spec decides.
     """
     spec = spec.check()
     out, notes = _check_out(spec, resume, overwrite, evaluate_only)
@@ -650,13 +655,13 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
             if overwrite:
                 _clear_run(out)
         return _execute(spec, out, model, options, train, test, metrics, notes, resume,
-                        evaluate_only, progress, t0)
+                        evaluate_only, progress, t0, callbacks)
 
 
 def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, Any],
              train: ArrayDataset, test: ArrayDataset, metrics: Dict[str, Any],
              notes: List[str], resume: bool, evaluate_only: bool,
-             progress: Optional[bool], t0: float) -> RunResult:
+             progress: Optional[bool], t0: float, callbacks: Optional[List[Any]]) -> RunResult:
     history = pd.DataFrame()
     objective = None
     evaluation = None
@@ -692,7 +697,8 @@ def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, 
                     warnings.simplefilter("always", RuntimeWarning)
                     fitted = _train_svi(spec, model, train, test, resume, progress,
                                         metadata={"spec": spec.to_dict(), "x_dim": train.dim,
-                                                  "built_options": options})
+                                                  "built_options": options},
+                                        callbacks=callbacks)
             except TrainingDiverged as err:
                 if out is not None and len(err.history):
                     write_atomic(out / "history.csv", err.history.to_csv(index=False))
@@ -705,6 +711,9 @@ def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, 
             history = fitted.pop("history")
             objective = fitted.pop("objective")
             fitted.pop("config")
+            stopped = fitted.pop("stopped")
+            if stopped:
+                notes.append(stopped)
             metrics.update(fitted)
         evaluation = _score(spec, model, train, test, objective, metrics, notes)
     if "elbo" in spec.metrics and math.isnan(metrics.get("train_elbo", NAN)):

@@ -18,6 +18,7 @@ make them reproducible too, as ``pyrovae train`` and suite cells do.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
 from pyrovae.files import atomic_path
+from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitState, schedule_factor
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import data_placement, module_of, resolve
 from pyrovae.models.base import capability
@@ -92,6 +94,9 @@ class FitConfig:
     resume: bool = False  # continue from checkpoint_dir/checkpoint.pt if present
     progress: bool = True  # show a progress bar
     skip_nonfinite: bool = False  # skip (and count) batches with a NaN/inf loss or gradient
+    lr_schedule: Optional[str] = None  # cosine | step:N:GAMMA | exponential:GAMMA | warmup:N
+    early_stopping: Optional[int] = None  # stop after N evaluations without held-out gain
+    clip_grad: Optional[float] = None  # clip the gradient's total norm to this value
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,10 +111,17 @@ class FitConfig:
             (self.optimizer in OPTIMIZERS,
              f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (not self.resume or self.checkpoint_dir, "resume=True needs a checkpoint_dir"),
+            (self.early_stopping is None or (isinstance(self.early_stopping, int)
+                                             and self.early_stopping >= 1),
+             "early_stopping must be an integer >= 1 (evaluations without gain)"),
+            (self.clip_grad is None or (isinstance(self.clip_grad, (int, float))
+                                        and math.isfinite(self.clip_grad) and self.clip_grad > 0),
+             "clip_grad must be a finite number > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"FitConfig: {message}")
+        schedule_factor(self.lr_schedule, 0, max(self.epochs, 1))  # raises for a bad name
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -130,6 +142,7 @@ class FitResult:
     objective: Any
     checkpoint: Optional[Path] = None
     steps: int = 0
+    stopped: str = ""  # why a callback ended training early ("" when it ran its budget)
 
     @property
     def final(self) -> pd.Series:
@@ -197,6 +210,7 @@ def fit(
     guide: Optional[Callable] = None,
     config: Optional[FitConfig] = None,
     metadata: Optional[Dict[str, Any]] = None,
+    callbacks: Optional[List[Any]] = None,
     **overrides: Any,
 ) -> FitResult:
     """Train ``model`` (and its guide) with SVI.
@@ -210,6 +224,8 @@ def fit(
         guide: the guide callable when ``model`` is a bare callable.
         config: a :class:`FitConfig`; keyword ``overrides`` replace its fields.
         metadata: plain data stored in every checkpoint (a run's spec).
+        callbacks: objects with any of the hooks of
+            :mod:`pyrovae.infer.callbacks` (loggers, your own monitors).
 
     On resume the optimizer state is restored and then the configured
     learning rate applied, so a lowered ``lr`` takes effect; ``history``
@@ -250,6 +266,9 @@ def fit(
     if config.checkpoint_dir:
         Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt_path = Path(config.checkpoint_dir) / "checkpoint.pt"
+    if config.early_stopping is not None and (test is None or not config.eval_every):
+        raise ValueError("early_stopping watches the held-out ELBO: pass test data and "
+                         "eval_every >= 1")
     steps_per_epoch = train.steps_per_epoch(config.batch_size)
     test_x = None if test is None else test.fixed(seed=config.seed)[: config.eval_size]
 
@@ -297,15 +316,29 @@ def fit(
         total = config.epochs * steps_per_epoch
         if config.max_steps is not None:
             total = min(total, config.max_steps)
-        bar = tqdm(total=total, initial=min(step, total), disable=not config.progress,
+        # A bar on a terminal; one line per epoch in a log file or CI output.
+        interactive = config.progress and sys.stderr.isatty()
+        bar = tqdm(total=total, initial=min(step, total), disable=not interactive,
                    desc="fit", unit="step", leave=False)
+        extra = []
+        if config.early_stopping is not None:
+            extra.append(EarlyStopping(config.early_stopping))
+        if config.progress and not interactive:
+            extra.append(EpochLines())
+        hooks = Callbacks([*extra, *(callbacks or [])])
+        fit_state = FitState(model=model, optimizer=optim, config=config, epoch=epoch, step=step,
+                             total_steps=total, history=history)
+        hooks("on_fit_start", fit_state)
         on_step = getattr(objective, "on_step", None)
         start_step = step
         start_loss: Optional[float] = None if not history else state.get("start_loss")
         warned = False
         out_of_time = False
-        while epoch < config.epochs and step < total and not out_of_time:
+        while epoch < config.epochs and step < total and not out_of_time and not fit_state.stop:
             program.train()
+            lr = config.lr * schedule_factor(config.lr_schedule, epoch, config.epochs)
+            for group in optim.param_groups:
+                group["lr"] = lr
             t0 = time.perf_counter()
             losses, sizes, skipped = [], [], 0
             for xb in train.batches(config.batch_size, gen):
@@ -362,12 +395,17 @@ def fit(
                         f"{step + 1} against {start_loss:.4g} at the start; lower the learning "
                         f"rate (now {config.lr})", RuntimeWarning, stacklevel=2,
                     )
+                if config.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 losses.append(loss)
                 sizes.append(size)
                 step += 1
                 bar.update(1)
+                if hooks.callbacks:
+                    fit_state.step, fit_state.loss = step, loss / size
+                    hooks("on_step", fit_state)
                 if step % 20 == 0:
                     bar.set_postfix(elbo=f"{-loss / sizes[-1]:.2f}")
             seconds += time.perf_counter() - t0
@@ -376,8 +414,9 @@ def fit(
                 "epoch": epoch, "step": step,
                 "train_elbo": -sum(losses) / max(sum(sizes), 1) if losses else float("nan"),
                 "test_elbo": float("nan"), "test_recon": float("nan"), "test_kl": float("nan"),
-                "seconds": seconds, "lr": config.lr, "skipped": skipped,
+                "seconds": seconds, "lr": lr, "skipped": skipped,
             }
+            fit_state.epoch, fit_state.step, fit_state.row = epoch, step, row
             last = epoch >= config.epochs or step >= total or out_of_time
             if test_x is not None and config.eval_every and (epoch % config.eval_every == 0 or last):
                 program.eval()
@@ -387,6 +426,8 @@ def fit(
                     terms = elbo_terms(program, None, test_x)
                 row.update({f"test_{k}": v.mean().item() for k, v in terms.items()})
                 bar.set_postfix(elbo=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
+                hooks("on_evaluation", fit_state)
+            hooks("on_epoch_end", fit_state)
             history.append(row)
             if ckpt_path is not None:
                 save_checkpoint(ckpt_path, {
@@ -410,8 +451,10 @@ def fit(
                     "metadata": metadata or {},
                 })
         bar.close()
+        hooks("on_fit_end", fit_state)
     program.eval()
     return FitResult(
         model=model, guide=guide_fn, history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
         config=config, objective=objective, checkpoint=ckpt_path, steps=step,
+        stopped=fit_state.stop_reason if fit_state.stop else "",
     )
