@@ -13,8 +13,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 from pyrovae.bench.command import add_bench_commands
 from pyrovae.files import FolderLockedError
+from pyrovae.guides import GUIDES
 from pyrovae.infer.objectives import ELBOS
 from pyrovae.models import MODELS
+from pyrovae.nn import ACTIVATIONS
 from pyrovae.version import __version__
 
 
@@ -90,8 +92,14 @@ def _add_train(sub) -> None:
                    metavar="KEY=VALUE", help="extra data-set option (JSON value), repeatable")
     p.add_argument("--z-dim", type=POSITIVE, default=None, help="latent dimension")
     p.add_argument("--hidden", type=POSITIVE, nargs="+", default=None, help="hidden layer sizes")
-    p.add_argument("--activation", default=None, help="network nonlinearity")
-    p.add_argument("--likelihood", default=None, help="bernoulli | gaussian (VAE)")
+    p.add_argument("--guide", default=None,
+                   help=f"guide (encoder) for models that take one: {', '.join(sorted(GUIDES))} "
+                        "(default: the model's)")
+    p.add_argument("--activation", default=None,
+                   help=f"network nonlinearity: {', '.join(sorted(ACTIVATIONS))} "
+                        "(default: the model's)")
+    p.add_argument("--likelihood", default=None,
+                   help="bernoulli | gaussian, for the VAE (default: bernoulli)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="extra model option (JSON value), repeatable")
     p.add_argument("--method", default="svi", choices=["svi", "em", "sklearn"],
@@ -162,6 +170,8 @@ def build_spec(args: argparse.Namespace):
     for key in ("z_dim", "hidden", "activation", "likelihood"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    if args.guide is not None:
+        options["encoder"] = args.guide
     data_options = _parse_set(args.data_options)
     # Data-root and binarization flags apply to the loaders that take them.
     accepted = None

@@ -222,6 +222,14 @@ class MLflowLogger:
             raise ValueError("MLflow logging needs the mlflow package: "
                              "pip install 'pyrovae[logging]'") from None
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        try:  # reach the store now, so a bad URI fails before training, not after
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001  (MLflow raises many kinds)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"MLflow tracking store {tracking_uri or '(default)'} cannot be "
+                             f"used: {first}") from None
         self.params = dict(params or {})
         self.artifact_dir = artifact_dir
         # The pipeline ends the run itself, after the run folder is complete.
