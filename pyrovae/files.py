@@ -54,6 +54,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the usual mode under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -85,7 +89,14 @@ def remove_stale_temporaries(folder: PathLike) -> None:
 def check_writable(folder: PathLike, what: str = "--out") -> Path:
     """Raise ``ValueError`` unless ``folder`` is, or can be made, a writable
     folder; creates nothing."""
+    if not str(folder).strip():
+        raise ValueError(f"{what} is empty; give the folder to write to, e.g. {what} runs/my-run")
     folder = Path(folder)
+    try:
+        folder.exists()
+    except OSError as err:  # a name too long, a loop of links
+        raise ValueError(f"{what} {folder} cannot be used: {err.strerror}; choose another "
+                         f"{what}") from None
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what} {folder} is a file, not a folder; choose another {what}")
     probe = folder

@@ -1,14 +1,20 @@
 """Name -> object registries filled by a ``register(name)`` decorator.
 
 The CLI and the benchmark suites look names up here; an unknown name gives an
-error that lists the known ones instead of a bare ``KeyError``.
+error that lists the known ones instead of a bare ``KeyError``. The options a
+registered thing takes, and the type each value must have, are read from its
+signature here too (:func:`option_types`, :func:`value_problems`), once for the
+run pipeline and the suite files alike.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
 import typing
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -91,78 +97,195 @@ def builder_options(build: Callable) -> Tuple[Optional[List[str]], Dict[str, Any
     return list(dict.fromkeys(names + cls_names)), {**cls_defaults, **defaults}
 
 
-# Options that count something and so must be positive wherever they appear.
-POSITIVE_OPTIONS = frozenset({
-    "z_dim", "K", "hidden", "batch_size", "epochs", "steps", "num_particles", "train_size",
-    "test_size", "max_iter", "n_init", "num_samples", "eval_size",
-})
+# Options that are sizes wherever they appear (model, data set, objective,
+# [grid.fit], [grid.em]): integers >= 1 (for "hidden", every entry). Learning
+# rates are numbers > 0.
+POSITIVE_SIZES = (
+    "z_dim", "x_dim", "K", "hidden", "batch_size", "epochs", "steps", "num_particles",
+    "train_size", "test_size", "n", "max_iter", "n_init",
+)
+LEARNING_RATES = ("lr", "learning_rate")
 
 
-def _expected_type(fn: Callable, name: str) -> Optional[type]:
-    """The plain type an option of ``fn`` takes, from its annotation (a type
-    or Optional of one) or else from the type of its default; None when
-    neither says."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001  (unresolvable annotations say nothing)
-        hints = {}
-    hint = hints.get(name)
-    if hint is not None:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        origin = typing.get_origin(hint)
-        if origin is typing.Union and len(args) == 1:
-            hint, origin = args[0], typing.get_origin(args[0])
-        if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
-            return list
-        if hint in (int, float, bool, str):
-            return hint
-        if origin is not None and origin is not typing.Union:
+# -- option types --------------------------------------------------------------------
+#
+# Every option is checked against the type its signature implies, so that a
+# suite with z_dim = 2.5 fails at validation, naming the key, instead of in
+# every cell. The type comes from the parameter's annotation when that is a
+# plain type (int, float, bool, str, a table or a list of them) or an Optional
+# or Union of such; otherwise from its default: an int default needs an
+# integer, a float default a number, a bool default true or false, a str
+# default a string, a tuple or list default a list. A parameter without any
+# annotation (Pyro's objectives) whose default is an int takes any number:
+# such code writes float options with integer defaults (RenyiELBO's alpha=0).
+
+
+@dataclass(frozen=True)
+class OptionType:
+    """What a value may be: some of "int", "float", "bool", "str", "table",
+    "list" (with ``item`` the entries' type, None when unchecked)."""
+
+    kinds: frozenset
+    item: Optional["OptionType"] = None
+
+    def accepts(self, value: Any) -> bool:
+        if _is_int(value) and "int" in self.kinds:
+            return True
+        if _is_number(value) and "float" in self.kinds:
+            return True
+        if isinstance(value, bool) and "bool" in self.kinds:
+            return True
+        if isinstance(value, str) and "str" in self.kinds:
+            return True
+        if isinstance(value, dict) and "table" in self.kinds:
+            return True
+        if isinstance(value, list) and "list" in self.kinds:
+            return self.item is None or all(self.item.accepts(v) for v in value)
+        return False
+
+    def describe(self, plural: bool = False) -> str:
+        words = {
+            "int": ("an integer", "integers"), "float": ("a number", "numbers"),
+            "bool": ("true or false", "true or false"), "str": ("a string", "strings"),
+            "table": ("a table", "tables"),
+        }
+        parts = [words[k][plural] for k in ("int", "float", "bool", "str", "table") if k in self.kinds]
+        if "int" in self.kinds and "float" in self.kinds:
+            parts.remove(words["int"][plural])  # "a number" says it
+        if "list" in self.kinds:
+            inner = f" of {self.item.describe(plural=True)}" if self.item is not None else ""
+            parts.append(("lists" if plural else "a list") + inner)
+        return " or ".join(parts)
+
+
+_PLAIN = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def _type_of_hint(hint: Any) -> Optional[OptionType]:
+    """The :class:`OptionType` of an annotation, None when it is not a plain one."""
+    if hint in _PLAIN:
+        return OptionType(frozenset({_PLAIN[hint]}))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is dict or origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        return OptionType(frozenset({"table"}))
+    if origin in (typing.Union, types.UnionType):
+        members = [_type_of_hint(a) for a in args if a is not type(None)]
+        if not members or any(m is None for m in members):
             return None
+        items = [m.item for m in members if m.item is not None]
+        return OptionType(frozenset().union(*(m.kinds for m in members)), items[0] if items else None)
+    if hint in (list, tuple) or origin in (list, tuple, collections.abc.Sequence,
+                                            collections.abc.MutableSequence):
+        entries = [_type_of_hint(a) for a in args if a is not Ellipsis]
+        item = None
+        if entries and all(e is not None for e in entries):
+            item = OptionType(frozenset().union(*(e.kinds for e in entries)))
+        return OptionType(frozenset({"list"}), item)
+    return None
+
+
+def _type_of_default(default: Any, annotated: bool) -> Optional[OptionType]:
+    if isinstance(default, bool):
+        return OptionType(frozenset({"bool"}))
+    if isinstance(default, int):
+        return OptionType(frozenset({"int"} if annotated else {"int", "float"}))
+    if isinstance(default, float):
+        return OptionType(frozenset({"float"}))
+    if isinstance(default, str):
+        return OptionType(frozenset({"str"}))
+    if isinstance(default, (tuple, list)):
+        return OptionType(frozenset({"list"}))
+    return None
+
+
+def type_hints(obj: Any) -> Dict[str, Any]:
+    targets = [obj.__init__, obj] if isinstance(obj, type) else [obj]
+    hints: Dict[str, Any] = {}
+    for target in targets:
+        try:
+            found = typing.get_type_hints(target)
+        except Exception:  # noqa: BLE001  (an unresolvable annotation: use the defaults)
+            continue
+        for name, hint in found.items():
+            hints.setdefault(name, hint)
+    return hints
+
+
+def option_types(obj: Any, skip: Sequence[str] = ()) -> Dict[str, Optional[OptionType]]:
+    """Keyword options of ``obj`` (a function or a class) and their types
+    (None: not checked). Options passed on through ``**kwargs`` are followed
+    to the class a builder returns, or to a class's base classes."""
     try:
-        default = inspect.signature(fn).parameters[name].default
-    except (KeyError, TypeError, ValueError):
-        return None
-    if default is inspect.Parameter.empty or default is None:
-        return None
-    if isinstance(default, (list, tuple)):
-        return list
-    return type(default) if type(default) in (int, float, bool, str) else None
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return {}
+    hints = type_hints(obj)
+    out: Dict[str, Optional[OptionType]] = {}
+    var_kw = False
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+            continue
+        if (param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY)
+                or name in skip or name == "self"):
+            continue
+        hint = hints.get(name)
+        kind = _type_of_hint(hint) if hint is not None else None
+        if kind is None and param.default is not inspect.Parameter.empty:
+            kind = _type_of_default(param.default, param.annotation is not inspect.Parameter.empty)
+        out[name] = kind
+    if var_kw:
+        if isinstance(obj, type):  # a class passing **kwargs on to its base
+            bases = [base for base in obj.__mro__[1:] if base is not object]
+            target = bases[0] if bases else None
+        else:  # a builder passing them on to the class it returns
+            target = hints.get("return")
+        if isinstance(target, type):
+            for name, kind in option_types(target, skip).items():
+                out.setdefault(name, kind)
+    return out
 
 
-def option_problems(fn: Callable, options: Dict[str, Any]) -> List[str]:
-    """``"name: must be ..., got ..."`` for each option of ``fn`` whose value
-    does not have the type the signature implies, or that must be positive
-    and is not."""
-    problems = []
-    for name, value in options.items():
-        kind = _expected_type(fn, name)
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            problems.append(f"{name}: must be an integer, got {value!r}")
-        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            problems.append(f"{name}: must be a number, got {value!r}")
-        elif kind is bool and not isinstance(value, bool):
-            problems.append(f"{name}: must be true or false, got {value!r}")
-        elif kind is str and not isinstance(value, str):
-            problems.append(f"{name}: must be a string, got {value!r}")
-        elif kind is list and not isinstance(value, (list, tuple)):
-            problems.append(f"{name}: must be a list, got {value!r}")
-        elif name in POSITIVE_OPTIONS:
-            items = value if isinstance(value, (list, tuple)) else [value]
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items):
-                what = "integers >= 1" if isinstance(value, (list, tuple)) else "an integer >= 1"
-                problems.append(f"{name}: must be {what}, got {value!r}")
+def value_problems(options: Mapping[str, Any],
+                   types: Mapping[str, Optional[OptionType]]) -> List[Tuple[str, str]]:
+    """``(key, message)`` for every option whose value does not fit its type:
+    sizes must be integers >= 1 (each entry of a list such as ``hidden``),
+    learning rates numbers > 0, everything else what its signature implies."""
+    problems: List[Tuple[str, str]] = []
+    for key, value in options.items():
+        if key in POSITIVE_SIZES:
+            kind = types.get(key)
+            if kind is not None and kind.kinds == {"list"}:  # e.g. hidden = [200, 100]
+                if not isinstance(value, (list, tuple)) or not value:
+                    problems.append((key, f"must be a non-empty list of integers >= 1, got {value!r}"))
+                    continue
+                for i, v in enumerate(value):
+                    if not _is_int(v) or v < 1:
+                        problems.append((f"{key}[{i}]", f"must be an integer >= 1, got {v!r}"))
+            elif not _is_int(value) or value < 1:
+                problems.append((key, f"must be an integer >= 1, got {value!r}"))
+            continue
+        if key in LEARNING_RATES:
+            if not _is_number(value) or not value > 0:
+                problems.append((key, f"must be a number > 0, got {value!r}"))
+            continue
+        kind = types.get(key)
+        if kind is not None and not kind.accepts(value):
+            problems.append((key, f"must be {kind.describe()}, got {value!r}"))
     return problems
 
 
-def builder_target(build: Callable) -> Callable:
-    """The class a builder function hands its ``**options`` to (by its return
-    annotation), else the builder itself."""
-    names, _, var_kw = _parameters(build, skip=("x_dim",))
-    if var_kw:
-        try:
-            target = typing.get_type_hints(build).get("return")
-        except (NameError, TypeError):
-            target = None
-        if isinstance(target, type):
-            return target
-    return build
+def option_problems(fn: Callable, options: Mapping[str, Any]) -> List[str]:
+    """``"key: message"`` for every option of ``fn`` (a function or class,
+    followed through ``**kwargs``) whose value does not fit its type."""
+    return [f"{key}: {message}" for key, message in value_problems(options, option_types(fn))]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+

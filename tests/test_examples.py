@@ -18,7 +18,7 @@ def test_custom_model_example_trains_plain_pyro_programs():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line.split() for line in done.stdout.splitlines()]
-    epochs = [row for row in lines if len(row) == 7 and row[0] in ("1", "2")]
+    epochs = [row for row in lines if len(row) == 9 and row[0] in ("1", "2")]
     assert len(epochs) == 2
     # Held-out ELBO improves between the two epochs.
     assert float(epochs[1][3]) > float(epochs[0][3])

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Union
 
 import pandas as pd
 
+from pyrovae.files import fsync_folder
+
 RESULTS_FILE = "results.csv"
 
 # Fixed column order of results.csv: a file only ever grows by whole rows of
@@ -88,13 +90,16 @@ class ResultsFile:
     def append(self, row: Mapping[str, Any]) -> None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        if not self._check_header():
+        new = not self._check_header()
+        if new:
             writer.writerow(RESULT_COLUMNS)
         writer.writerow([_format(row.get(c, NAN)) for c in RESULT_COLUMNS])
         with open(self.path, "a", newline="") as f:
             f.write(buf.getvalue())
             f.flush()
             os.fsync(f.fileno())
+        if new:  # the file's name in its folder must survive a crash too
+            fsync_folder(self.path.parent)
 
     def read(self) -> pd.DataFrame:
         return load_results(self.path)

@@ -225,6 +225,9 @@ def _die_with_parent(parent: int) -> None:
 def _init_worker(threads: int, env: Dict[str, str], parent: Optional[int] = None) -> None:
     if parent is not None:
         _die_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group; the parent alone
+    # decides, and stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm would otherwise create a multiprocessing lock (a named semaphore)
     # on a worker's first bar; a worker stopped with its suite cannot release
     # it, and the resource tracker then warns about it on the suite's stderr.

@@ -38,13 +38,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import inspect
 import itertools
 import json
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 try:
     import tomllib
@@ -52,7 +50,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 from pyrovae.pipeline import SKLEARN_MODELS, EvalSettings, sklearn_estimator
-from pyrovae.registry import builder_options, signature_options
+from pyrovae.registry import (OptionType, builder_options, option_types, signature_options,
+                              type_hints, value_problems)
 
 SUITE_KEYS = ("name", "description", "metrics", "eval")
 METRICS = ("elbo", "iwae", "exact", "objective", "gradients")
@@ -72,6 +71,8 @@ RUNNER_FIT_FIELDS = (
     "elbo", "num_particles", "vectorize_particles", "elbo_options", "epochs", "max_steps",
     "max_seconds", "seed", "eval_every", "eval_size", "checkpoint_dir", "resume", "progress",
 )
+
+
 @dataclass
 class Cell:
     """One fully specified run: what is trained, on what, for how long, and how
@@ -283,7 +284,9 @@ class _Problems:
         self.items: List[str] = []
 
     def add(self, where: str, message: str) -> None:
-        self.items.append(f"{where}: {message}")
+        item = f"{where}: {message}"
+        if item not in self.items:  # a grid with two models checks shared tables twice
+            self.items.append(item)
 
 
 def _allowed(values: Iterable[str]) -> str:
@@ -330,6 +333,37 @@ def _named(p: _Problems, where: str, entry: Any) -> Tuple[Optional[str], Dict[st
         return name, {k: v for k, v in entry.items() if k != "name"}
     p.add(where, f"must be a name or a table with a name, got {entry!r}")
     return None, {}
+
+
+def _check_values(p: "_Problems", where: str, options: Mapping[str, Any],
+                  option_types: Mapping[str, Optional[OptionType]]) -> None:
+    """Add a problem for every option whose value does not fit its type."""
+    for key, message in value_problems(options, option_types):
+        p.add(f"{where}.{key}", message)
+
+
+def _model_class(entry: Any) -> Optional[type]:
+    """The class a ``MODELS`` entry builds: itself, or a builder's return annotation."""
+    if isinstance(entry, type):
+        return entry
+    target = type_hints(entry).get("return")
+    return target if isinstance(target, type) else None
+
+
+def _check_sklearn_values(p: "_Problems", where: str, estimator: type,
+                          options: Mapping[str, Any]) -> None:
+    """scikit-learn states the type and range of each parameter; ask it, one
+    option at a time, so that every bad key is named."""
+    if not hasattr(estimator, "_validate_params"):  # scikit-learn < 1.2: the defaults' types
+        _check_values(p, where, options, option_types(estimator))
+        return
+    for key, value in options.items():
+        try:
+            est = estimator()
+            est.set_params(**{key: value})
+            est._validate_params()
+        except (ValueError, TypeError) as err:
+            p.add(f"{where}.{key}", str(err))
 
 
 def _registries():
@@ -441,6 +475,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         allowed, _ = builder_options(MODELS[mname])
         if allowed is not None:
             _check_keys(p, mw, options, ["name", *allowed])
+        _check_values(p, mw, options, option_types(MODELS[mname], skip=("x_dim",)))
         if "sklearn" in methods and mname not in SKLEARN_MODELS:
             p.add(mw, f"method 'sklearn' has no counterpart of model {mname!r}; models "
                   f"with one: {_allowed(SKLEARN_MODELS)}")
@@ -489,9 +524,17 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
             vectorize = False
         if not all(_is_int(k) and k >= 1 for k in particles):
             continue
-        try:
-            from pyrovae.infer.objectives import make_objective
+        from pyrovae.infer.objectives import make_objective
 
+        try:  # the class the factory builds says the options' types
+            objective_types = option_types(type(make_objective(oname, 1, False)))
+        except (ValueError, TypeError):
+            objective_types = {}
+        before = len(p.items)
+        _check_values(p, ow, options, objective_types)
+        if len(p.items) > before:
+            continue
+        try:
             make_objective(oname, particles[0], vectorize, **options)
         except (ValueError, TypeError) as err:
             p.add(ow, f"the options {sorted(options)} do not fit objective {oname!r}: {err}")
@@ -529,6 +572,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
                 if key in options:
                     p.add(f"{dw}.{key}", f"is set by the runner; use train_split/test_split "
                           "and the grid's device key instead")
+        _check_values(p, dw, options, option_types(DATASETS[dname], skip=RUNNER_DATASET_OPTIONS))
         spec["options"] = options
         datasets.append(spec)
 
@@ -569,10 +613,13 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
 
         allowed_fit = [f.name for f in fields(FitConfig) if f.name not in RUNNER_FIT_FIELDS]
         _check_keys(p, f"{where}.fit", fit_opts, allowed_fit)
-        try:
-            FitConfig(**{k: v for k, v in fit_opts.items() if k in allowed_fit})
-        except (ValueError, TypeError) as err:
-            p.add(f"{where}.fit", str(err))
+        before = len(p.items)
+        _check_values(p, f"{where}.fit", fit_opts, option_types(FitConfig))
+        if len(p.items) == before:  # well-typed values: the rules across them
+            try:
+                FitConfig(**{k: v for k, v in fit_opts.items() if k in allowed_fit})
+            except (ValueError, TypeError) as err:
+                p.add(f"{where}.fit", str(err))
 
     method_tables = {}
     for key in ("em", "sklearn"):
@@ -586,17 +633,22 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
     em = method_tables["em"]
     if em and "em" in methods:
         for mname, _ in models:
-            fit_em = getattr(MODELS.get(mname), "fit_em", None)
+            fit_em = getattr(_model_class(MODELS.get(mname)), "fit_em", None)
             if callable(fit_em):
                 allowed, _ = signature_options(fit_em, skip=("x", "data", "seed"))
                 if allowed is not None:
                     _check_keys(p, f"{where}.em", em, allowed)
+                _check_values(p, f"{where}.em", em,
+                              option_types(fit_em, skip=("x", "data", "seed")))
     skl = method_tables["sklearn"]
     if skl and "sklearn" in methods and importlib.util.find_spec("sklearn") is not None:
         for mname, _ in models:
             if mname in SKLEARN_MODELS:
-                allowed = sklearn_estimator(mname)._get_param_names()
-                _check_keys(p, f"{where}.sklearn", skl, [a for a in allowed if a != "random_state"])
+                estimator = sklearn_estimator(mname)
+                allowed = [a for a in estimator._get_param_names() if a != "random_state"]
+                _check_keys(p, f"{where}.sklearn", skl, allowed)
+                _check_sklearn_values(p, f"{where}.sklearn", estimator,
+                                      {k: v for k, v in skl.items() if k in allowed})
 
     device = graw.get("device", "cpu")
     if not isinstance(device, str):

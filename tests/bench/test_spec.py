@@ -176,7 +176,7 @@ def test_bad_values():
         "grid[0].objectives[0].num_particles[0]: must be an integer >= 1, got 0",
         "grid[0].objectives[0].num_particles[1]: must be an integer >= 1, got 2.5",
         "grid[0].fit.epochs: unknown key 'epochs'",  # budgets decide it
-        "grid[0].fit: FitConfig: lr must be > 0",
+        "grid[0].fit.lr: must be a number > 0, got -1.0",
         "grid[0].methods[1]: unknown method 'mcmc'; allowed: em, sklearn, svi",
         f"suite.metrics[1]: unknown metric 'accuracy'; allowed: {', '.join(sorted(METRICS))}",
         "suite.eval.num_samples: must be an integer >= 0, got -5",
@@ -184,6 +184,71 @@ def test_bad_values():
     ]
     for line in expected:
         assert line in msg, line
+
+
+def test_option_values_are_type_checked_with_the_key_named():
+    # Each of these used to pass validation and fail in every cell.
+    raw = doc(
+        models=[{"name": "vae", "z_dim": 2.5, "hidden": [0], "likelihood": 3},
+                {"name": "gmm", "K": 0, "covariance": 1}],
+        fit={"batch_size": "64", "lr": -1, "optimizer": 5},
+        objectives=[{"name": "IWAE", "num_particles": [2], "estimator": 1},
+                    {"name": "RenyiELBO", "alpha": "half"},
+                    {"name": "BetaELBO", "beta": "1", "warmup_steps": 2.5}],
+        datasets=[{"name": "synthetic-fa", "x_dim": 0, "noise_range": 0.3},
+                  {"name": "faithful", "standardize": "yes", "test_fraction": "0.2"}],
+    )
+    with pytest.raises(SpecError) as info:
+        parse_suite(raw, "test.toml")
+    expected = [
+        "grid[0].models[0].z_dim: must be an integer >= 1, got 2.5",
+        "grid[0].models[0].hidden[0]: must be an integer >= 1, got 0",
+        "grid[0].models[0].likelihood: must be a string, got 3",
+        "grid[0].models[1].K: must be an integer >= 1, got 0",
+        "grid[0].models[1].covariance: must be a string, got 1",  # the class behind the builder
+        "grid[0].fit.batch_size: must be an integer >= 1, got '64'",
+        "grid[0].fit.lr: must be a number > 0, got -1",
+        "grid[0].fit.optimizer: must be a string, got 5",
+        "grid[0].objectives[0].estimator: must be a string, got 1",
+        "grid[0].objectives[1].alpha: must be a number, got 'half'",  # Pyro: from the default
+        "grid[0].objectives[2].beta: must be a number, got '1'",
+        "grid[0].objectives[2].warmup_steps: must be an integer, got 2.5",
+        "grid[0].datasets[0].x_dim: must be an integer >= 1, got 0",
+        "grid[0].datasets[0].noise_range: must be a list of numbers, got 0.3",
+        "grid[0].datasets[1].standardize: must be true or false, got 'yes'",
+        "grid[0].datasets[1].test_fraction: must be a number, got '0.2'",
+    ]
+    assert [line for line in expected if line not in info.value.problems] == []
+    # every problem in one error, each named once
+    assert len(info.value.problems) == len(set(info.value.problems)) == len(expected)
+
+
+def test_well_typed_values_pass():
+    ok = doc(
+        models=[{"name": "vae", "z_dim": 2, "hidden": [8, 4], "scale": 0.5},  # Union[str, float]
+                {"name": "vae", "z_dim": 2, "scale": "learned"}],
+        fit={"batch_size": 64, "lr": 1},  # an integer is a number
+        objectives=[{"name": "RenyiELBO", "alpha": 0.5, "num_particles": [2]},
+                    {"name": "TraceEnum_ELBO", "max_plate_nesting": 1}],
+        datasets=[{"name": "synthetic-fa", "noise_range": [0.1, 1]}],
+    )
+    assert len(parse_suite(ok).cells()) == 2 * 2 * 2 * 3  # models, objectives, budgets, seeds
+
+
+def test_em_and_sklearn_values_are_type_checked():
+    raw = doc(methods=["svi", "em", "sklearn"], models=[{"name": "fa", "z_dim": 2}],
+              datasets=["synthetic-fa"], em={"max_iter": 0, "tol": "small"},
+              sklearn={"max_iter": 2.5, "svd_method": "lapack"})
+    msg = problems(raw)
+    assert "grid[0].em.max_iter: must be an integer >= 1, got 0" in msg
+    assert "grid[0].em.tol: must be a number, got 'small'" in msg
+    assert "grid[0].sklearn.max_iter: The 'max_iter' parameter of FactorAnalysis must be" in msg
+    assert "svd_method" not in msg
+    # a builder's class (gmm -> GaussianMixture) has its fit_em options checked too
+    msg = problems(doc(methods=["em"], models=[{"name": "gmm", "K": 2}], datasets=["faithful"],
+                       em={"n_init": 1.5, "max_iterr": 3}))
+    assert "grid[0].em.n_init: must be an integer >= 1, got 1.5" in msg
+    assert "grid[0].em.max_iterr: unknown key" in msg
 
 
 def test_required_parts():
