@@ -152,6 +152,18 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-points", type=POSITIVE, default=None,
                    help="evaluate on the first N test points (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--devices", type=POSITIVE, default=None, metavar="N",
+                   help="data-parallel training on N processes per machine, one per device; "
+                        "--batch-size is the global batch (needs pyrovae[distributed])")
+    p.add_argument("--num-nodes", type=POSITIVE, default=None, metavar="M",
+                   help="machines taking part, each running this command (or started by "
+                        "torchrun or SLURM) with --devices processes")
+    p.add_argument("--strategy", default=None,
+                   help="Lightning Fabric strategy for --devices/--num-nodes: ddp (default), "
+                        "ddp_spawn, ddp_find_unused_parameters_true")
+    p.add_argument("--accelerator", default=None,
+                   help="Lightning Fabric accelerator for --devices/--num-nodes: cpu, gpu or "
+                        "auto (default)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
@@ -192,7 +204,8 @@ def build_spec(args: argparse.Namespace):
     elbo_options = _parse_set(args.elbo_options)
     if elbo_options:
         fit["elbo_options"] = elbo_options
-    for key in ("lr_schedule", "early_stopping", "clip_grad"):
+    for key in ("lr_schedule", "early_stopping", "clip_grad", "devices", "num_nodes",
+                "strategy", "accelerator"):
         if getattr(args, key) is not None:
             fit[key] = getattr(args, key)
     if args.elbo is not None:
@@ -237,6 +250,8 @@ def _train(args: argparse.Namespace) -> int:
         raise
     if mlflow_logger is not None:
         mlflow_logger.finish(metrics=result.metrics, artifact_dir=result.out)
+    if result.out is None and spec.out is not None:
+        return 0  # a rank > 0 of a multi-process run: rank 0 wrote the folder and reports
     _report(result)
     return 0
 
@@ -320,7 +335,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             traceback.print_exc()
         if isinstance(err, USER_ERRORS):
-            message = str(err.args[0]) if err.args else str(err)
+            # KeyError's str() adds quotes; an OSError's (or UnicodeError's)
+            # args[0] is a bare number or codec name, its str() the sentence.
+            message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         else:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             message = (f"unexpected {type(err).__name__}: {first} (rerun with --debug for the "

@@ -47,13 +47,14 @@ from pyrovae.data import DATASETS, ArrayDataset, load_dataset
 from pyrovae.data.core import check_finite
 from pyrovae.files import FolderLock, check_writable, remove_stale_temporaries, write_atomic
 from pyrovae.data.tabular import load_csv
+from pyrovae.infer.distributed import worker_process
 from pyrovae.infer.evaluate import Evaluation, evaluate
 from pyrovae.infer.fit import (CHECKPOINT_FORMAT, FitConfig, TrainingDiverged, fit,
-                               load_checkpoint, save_checkpoint)
+                               load_checkpoint, load_weights, save_checkpoint)
 from pyrovae.infer.objectives import ELBOS, make_objective
 from pyrovae.models import MODELS
 from pyrovae.models.base import LatentModel, capability, num_data
-from pyrovae.registry import builder_options, builder_target, option_problems, signature_options
+from pyrovae.registry import builder_options, option_problems, signature_options
 from pyrovae.seeding import seeded
 from pyrovae.version import __version__
 
@@ -89,6 +90,10 @@ class EvalSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: Seeds torch's generators take: 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+
+
 def _check_eval(ev: EvalSettings) -> None:
     minimum = {"num_samples": 0, "seed": 0, "grad_draws": 2}
     for f in fields(EvalSettings):
@@ -98,6 +103,8 @@ def _check_eval(ev: EvalSettings) -> None:
         low = minimum.get(f.name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"eval {f.name} must be an integer >= {low}, got {value!r}")
+        if f.name == "seed" and value > MAX_SEED:
+            raise ValueError(f"eval seed must be an integer from 0 to {MAX_SEED}, got {value}")
 
 
 def check_device(device: str) -> torch.device:
@@ -151,11 +158,18 @@ class RunSpec:
             if unknown:
                 raise ValueError(f"unknown options {unknown} for model {self.model!r}; "
                                  f"it accepts {sorted(accepted)}")
-        problems = option_problems(builder_target(build), self.model_options)
+        problems = option_problems(build, self.model_options)
         if problems:
             raise ValueError(f"model {self.model!r}: " + "; ".join(problems))
-        if not self.dataset.endswith(".csv"):
-            DATASETS.get_checked(self.dataset)
+        loader = load_csv if self.dataset.endswith(".csv") else DATASETS.get_checked(self.dataset)
+        accepted, _ = signature_options(loader, (*PIPELINE_DATASET_OPTIONS, "path"))
+        unknown = sorted(set(self.dataset_options) - set(accepted or self.dataset_options))
+        if unknown:
+            raise ValueError(f"unknown options {unknown} for data set {self.dataset!r}; "
+                             f"it accepts {sorted(accepted)}")
+        problems = option_problems(loader, self.dataset_options)
+        if problems:
+            raise ValueError(f"data set {self.dataset!r}: " + "; ".join(problems))
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -163,6 +177,8 @@ class RunSpec:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed}")
         _check_eval(self.eval)
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
@@ -174,6 +190,9 @@ class RunSpec:
         elif self.method == "sklearn" and self.model not in SKLEARN_MODELS:
             raise ValueError(f"method 'sklearn' has no counterpart of model {self.model!r}; "
                              f"models with one: {', '.join(SKLEARN_MODELS)}")
+        elif self.method == "sklearn" and self.seed > 2**32 - 1:
+            raise ValueError(f"seed must be an integer from 0 to {2**32 - 1} for method 'sklearn' "
+                             f"(scikit-learn's random_state), got {self.seed}")
         elif self.method == "em" and isinstance(build, type) and not hasattr(build, "fit_em"):
             raise ValueError(f"model {self.model!r} has no EM algorithm; use method 'svi'")
         check_device(self.device)
@@ -197,6 +216,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunSpec":
+        d = _upgrade_config(d)
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "eval" in d:
@@ -204,6 +224,36 @@ class RunSpec:
         if "metrics" in d:
             d["metrics"] = tuple(d["metrics"])
         return cls(**d)
+
+
+# Fields of run folders written by pyrovae 0.1's first command line, and where
+# they live now; reading such a folder keeps every setting it recorded.
+_LEGACY_FIELDS = ("z_dim", "data_root", "binarize", "data_options", "em_max_iter",
+                  "eval_samples", "eval_points")
+
+
+def _upgrade_config(d: Mapping[str, Any]) -> Dict[str, Any]:
+    d = dict(d)
+    if not any(key in d for key in _LEGACY_FIELDS):
+        return d
+    options = dict(d.get("model_options", {}))
+    if d.get("z_dim") is not None:
+        options.setdefault("z_dim", d["z_dim"])
+    data = dict(d.pop("data_options", None) or {})
+    if d.get("data_root") is not None:
+        data.setdefault("root", d["data_root"])
+    if d.get("dataset") in ("mnist", "fashion-mnist", "binarized-mnist") and "binarize" in d:
+        data.setdefault("binarize", d["binarize"])
+    fit = dict(d.get("fit", {}))
+    d["seed"] = int(fit.pop("seed", d.get("seed", 0)))
+    d["model_options"], d["dataset_options"], d["fit"] = options, data, fit
+    if d.get("method") == "em":
+        d["method_options"] = {"max_iter": d.get("em_max_iter", 500)}
+    d["eval"] = {**EvalSettings().to_dict(), "num_samples": d.get("eval_samples", 1000),
+                 "max_points": d.get("eval_points")}
+    for key in _LEGACY_FIELDS:
+        d.pop(key, None)
+    return d
 
 
 @dataclass
@@ -636,6 +686,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
             (:mod:`pyrovae.infer.callbacks`); they watch, the spec decides.
     """
     spec = spec.check()
+    if spec.method == "svi" and not evaluate_only and worker_process(spec.fit_config(resume)):
+        return _run_worker(spec, resume, progress)
     out, notes = _check_out(spec, resume, overwrite, evaluate_only)
     t0 = time.perf_counter()
     train, test = load_data(spec)
@@ -656,6 +708,21 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
                 _clear_run(out)
         return _execute(spec, out, model, options, train, test, metrics, notes, resume,
                         evaluate_only, progress, t0, callbacks)
+
+
+def _run_worker(spec: RunSpec, resume: bool, progress: Optional[bool]) -> RunResult:
+    """A rank other than 0 of a multi-process run (``fit.devices`` x
+    ``fit.num_nodes`` > 1): it builds the same model, trains alongside rank 0
+    and writes nothing; rank 0 checks and writes the run folder and evaluates."""
+    train, test = load_data(spec)
+    options = model_options(spec, train.dim, len(train))
+    model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
+    fitted = _train_svi(spec, model, train, test, resume, progress, metadata={})
+    history = fitted.pop("history")
+    for key in ("objective", "config", "stopped"):
+        fitted.pop(key)
+    return RunResult(spec=spec, model=model, history=history, evaluation=None, metrics=fitted,
+                     notes=[], figures=[], out=None)
 
 
 def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, Any],
@@ -742,9 +809,11 @@ def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, 
 
 def _load_state(model: Any, folder: Path) -> None:
     state = load_checkpoint(folder / CHECKPOINT_FILE)
-    model.load_state_dict(state["model_state"])
     if isinstance(model, torch.nn.Module):
+        load_weights(model, state["model_state"], folder / CHECKPOINT_FILE)
         model.eval()
+    else:
+        model.load_state_dict(state["model_state"])
 
 
 def read_spec(folder: Union[str, Path]) -> RunSpec:
@@ -753,8 +822,11 @@ def read_spec(folder: Union[str, Path]) -> RunSpec:
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not a pyrovae run folder: no {CONFIG_FILE}")
     try:
-        return RunSpec.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError(f"expected a JSON object, got a {type(saved).__name__}")
+        return RunSpec.from_dict(saved)
+    except (json.JSONDecodeError, TypeError, OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a readable pyrovae run config: {err}") from None
 
 
@@ -780,10 +852,13 @@ def load_run(folder: Union[str, Path]) -> Any:
     """
     folder = Path(folder)
     if (folder / CONFIG_FILE).exists():
+        spec = read_spec(folder)
         saved = json.loads((folder / CONFIG_FILE).read_text())
-        spec = RunSpec.from_dict(saved)
         if spec.method == "sklearn":
             raise ValueError(f"{folder} holds a scikit-learn run, which keeps no model")
+        if isinstance(saved.get("x_dim"), bool) or not isinstance(saved.get("x_dim"), int):
+            raise ValueError(f"{folder / CONFIG_FILE} has no x_dim (the data dimension), so the "
+                             "model cannot be rebuilt; restore the file or train again")
         options = saved.get("built_options", spec.model_options)
         model = build_model(spec.model, saved["x_dim"], options, seed=spec.seed)
         _load_state(model, folder)
@@ -798,6 +873,6 @@ def load_run(folder: Union[str, Path]) -> Any:
             "model.load_state_dict(pyrovae.infer.fit.load_checkpoint(folder)['model_state'])"
         )
     model = cls(**state.get("model_config", {}))
-    model.load_state_dict(state["model_state"])
+    load_weights(model, state["model_state"], folder / CHECKPOINT_FILE)
     model.eval()
     return model

@@ -288,3 +288,16 @@ def test_spec_round_trips_through_json():
     spec = RunSpec(model="gmm", model_options={"K": 3}, dataset="iris", seed=4,
                    fit={"lr": 0.1}, out="x")
     assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_config_of_the_first_command_line_reads_with_every_setting():
+    old = {"model": "vae", "dataset": "mnist", "out": "x", "data_root": "/data",
+           "binarize": "static", "train_size": 512, "data_options": {}, "z_dim": 2,
+           "model_options": {"hidden": [32]}, "method": "svi", "em_max_iter": 500,
+           "eval_samples": 20, "eval_points": 200, "device": "cpu",
+           "fit": {"elbo": "TraceMeanField_ELBO", "seed": 3, "epochs": 2}, "x_dim": 784}
+    spec = RunSpec.from_dict(old)
+    assert spec.model_options == {"hidden": [32], "z_dim": 2}
+    assert spec.dataset_options == {"root": "/data", "binarize": "static"}
+    assert spec.seed == 3 and spec.fit == {"elbo": "TraceMeanField_ELBO", "epochs": 2}
+    assert (spec.eval.num_samples, spec.eval.max_points, spec.train_size) == (20, 200, 512)

@@ -25,10 +25,18 @@ def _add_run(sub) -> None:
     )
     p.add_argument("suite", help="suite file (TOML), e.g. benchmarks/quick.toml")
     p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="cells run at once in separate processes (default 1: in this process)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells run at once: in separate processes (default 1: in this process); "
+                   "with --engine ray, cells in flight on the cluster (default: its CPUs / threads)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per cell (default: cores / jobs for --jobs > 1)")
+                   help="torch threads per cell (default: cores / jobs for --jobs > 1); with "
+                   "--engine ray also the CPUs each cell's task asks for (default 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where the cells run: this machine's processes (default), or tasks on a "
+                   "Ray cluster (pip install 'pyrovae[ray]'); the rows are written here either way")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster, e.g. ray://HEAD:10001 (default "
+                   "$RAY_ADDRESS, else a local Ray instance started and stopped with the suite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a suite value before validation, e.g. "
                    "grid.budgets=[{epochs=100}] or suite.eval.num_samples=5000 (repeatable)")
@@ -78,13 +86,18 @@ def add_bench_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pyrovae.bench.ray_engine import EngineUnavailableError
     from pyrovae.bench.runner import cell_label, run_suite
     from pyrovae.bench.spec import load_suite
-    from pyrovae.files import FolderLockedError
+    from pyrovae.files import FolderLockedError, check_writable
 
+    if args.address is not None and args.engine != "ray":
+        print("pyrovae bench: error: --address is for --engine ray", file=sys.stderr)
+        return 2
     if args.data_root is not None:
         os.environ["PYROVAE_DATA"] = str(Path(args.data_root).expanduser())
     suite = load_suite(args.suite, args.overrides)
+    check_writable(args.out)  # a file, an empty name or a read-only place: refused before running
     if args.dry_run:
         cells = suite.cells()
         for cell in cells:
@@ -93,10 +106,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     try:
         summary = run_suite(
-            suite, args.out, jobs=args.jobs, progress=not args.no_progress,
-            retry_errors=args.retry_errors, fail_fast=args.fail_fast, threads=args.threads,
+            suite, args.out, jobs=args.jobs, engine=args.engine, address=args.address,
+            progress=not args.no_progress, retry_errors=args.retry_errors,
+            fail_fast=args.fail_fast, threads=args.threads,
         )
-    except FolderLockedError as err:
+    except (FolderLockedError, EngineUnavailableError) as err:
         print(f"pyrovae bench: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

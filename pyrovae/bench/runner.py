@@ -5,7 +5,10 @@ moment it is done (append, flush, fsync), so an interrupted suite loses only
 the cells that were running. A rerun reads the file, skips every cell whose
 key is already there and runs the rest. With ``jobs > 1`` cells run in
 separate processes (spawn context, each with a fair share of the CPU threads)
-while the parent alone writes rows, in the order they finish.
+while the parent alone writes rows, in the order they finish. With
+``engine="ray"`` the cells run as tasks on a Ray cluster instead
+(:mod:`pyrovae.bench.ray_engine`); the rows come back to this process and go
+through the same results file, so resuming works the same way.
 
 A suite never leaves orphans: workers die with their parent however it dies
 (``PR_SET_PDEATHSIG`` on Linux, plus a watchdog thread polling the parent pid
@@ -46,6 +49,7 @@ from pyrovae.files import FolderLock, remove_stale_temporaries, write_atomic
 from pyrovae.pipeline import RunSpec, run, versions
 
 SUITE_COPY = "suite.toml"
+ENGINES = ("local", "ray")  # where the cells run: this machine's processes, or a Ray cluster
 # Signals that stop a suite the way Ctrl-C does (SIGINT keeps Python's own
 # handler, which raises KeyboardInterrupt).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -89,8 +93,7 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
     """
     cell = Cell.from_dict(cell_dict)
     t0 = time.perf_counter()
-    row: Dict[str, Any] = {**cell_columns(cell), **versions(), "status": "ok", "error": "",
-                           "config": canonical_json(cell.config())}
+    row = _start_row(cell)
     notes: List[str] = []
     store = pyro.get_param_store()
     names_before = set(store.keys())
@@ -107,8 +110,39 @@ def run_cell(cell_dict: Mapping[str, Any], fail_fast: bool = False) -> Dict[str,
         # modules; dropping them lets a worker running many cells free them.
         for name in set(store.keys()) - names_before:
             del store[name]
-    row["wall_seconds"] = time.perf_counter() - t0
-    row["threads"] = torch.get_num_threads()
+    return _finish_row(row, wall_seconds=time.perf_counter() - t0,
+                       threads=torch.get_num_threads(), notes=notes)
+
+
+def _ray_task(cell_dict: Mapping[str, Any], fail_fast: bool, threads: int) -> Dict[str, Any]:
+    """One cell inside a Ray worker process (the ray engine's task): the
+    cell's thread count, then :func:`run_cell`."""
+    # As in the local engine's workers: no multiprocessing lock for tqdm, which
+    # a worker killed by a cancellation could not release.
+    from tqdm.std import tqdm as std_tqdm
+
+    std_tqdm.set_lock(threading.RLock())
+    torch.set_num_threads(threads)
+    return run_cell(cell_dict, fail_fast)
+
+
+def error_row(cell: Cell, error: str, *, threads: int, wall_seconds: float = NAN) -> Dict[str, Any]:
+    """The row of a cell that could not return one itself: the process that
+    ran it died (killed, out of memory, a lost node). ``error`` says why."""
+    row = _start_row(cell)
+    row.update(status="error", error=error)
+    return _finish_row(row, wall_seconds=wall_seconds, threads=threads, notes=[])
+
+
+def _start_row(cell: Cell) -> Dict[str, Any]:
+    return {**cell_columns(cell), **versions(), "status": "ok", "error": "",
+            "config": canonical_json(cell.config())}
+
+
+def _finish_row(row: Dict[str, Any], *, wall_seconds: float, threads: int,
+                notes: Sequence[str]) -> Dict[str, Any]:
+    row["wall_seconds"] = wall_seconds
+    row["threads"] = threads
     row["notes"] = " | ".join(notes)
     row["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return {c: row.get(c, NAN) for c in RESULT_COLUMNS}
@@ -162,30 +196,37 @@ class SuiteInterrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+@dataclass
+class _Stop:
+    signum: Optional[int] = None  # the signal that stopped the suite, if one did
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
+def _stop_on_signals() -> Iterator[_Stop]:
     """Turn SIGTERM and SIGHUP into :class:`SuiteInterrupted` (a
     ``KeyboardInterrupt``) in the main thread for the duration of the block,
     then restore the previous handlers. The first signal raises; later ones
     are ignored so that they cannot cut the cleanup short. Outside the main
-    thread Python cannot set handlers and the block runs unchanged."""
+    thread Python cannot set handlers and the block runs unchanged. The
+    yielded object records the signal: code that turns any
+    ``KeyboardInterrupt`` raised inside it into a plain one (Ray's blocking
+    calls do) loses the exception's ``signum``, not the record."""
+    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    stopping = False
 
     def handler(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if stopping:
+        if stop.signum is not None:
             return
-        stopping = True
+        stop.signum = signum
         raise SuiteInterrupted(signum)
 
     previous = {}
     try:
         for signum in STOP_SIGNALS:
             previous[signum] = signal.signal(signum, handler)
-        yield
+        yield stop
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
@@ -242,7 +283,9 @@ def run_suite(
     suite: Suite,
     out_dir: Union[str, Path],
     *,
-    jobs: int = 1,
+    jobs: Optional[int] = None,
+    engine: str = "local",
+    address: Optional[str] = None,
     progress: bool = True,
     retry_errors: bool = False,
     fail_fast: bool = False,
@@ -255,38 +298,64 @@ def run_suite(
     Args:
         suite: a validated suite (:func:`pyrovae.bench.load_suite`).
         out_dir: results folder; created if missing.
-        jobs: cells run at once, each in its own spawned process with
-            ``cpu_count // jobs`` torch threads; 1 runs them in this process.
+        jobs: cells run at once. Local engine: each in its own spawned
+            process with ``cpu_count // jobs`` torch threads; 1 (the
+            default) runs them in this process. Ray engine: cells in flight
+            on the cluster (default: its CPUs // ``threads``).
+        engine: ``"local"`` (this machine) or ``"ray"`` (each cell a Ray task
+            asking for ``threads`` CPUs, and a GPU when its device is cuda;
+            see :mod:`pyrovae.bench.ray_engine`). Rows are written here, by
+            this process alone, either way.
+        address: the Ray cluster to use (``ray://HEAD:10001``, ``HEAD:6379``);
+            default ``$RAY_ADDRESS``, else a local Ray instance started for
+            this suite and stopped at its end. Only with ``engine="ray"``.
         progress: show a progress bar over cells.
         retry_errors: run cells again whose earlier row failed (the newest
             row of a cell wins in reports).
         fail_fast: re-raise the first error instead of recording it.
         report: write ``report.md`` and the plots at the end.
         threads: torch threads per cell (default: ``cpu_count // jobs`` in
-            worker processes, unchanged when ``jobs == 1``). Timings of small
-            models are steadier with 1 on a busy machine.
+            worker processes, unchanged when ``jobs == 1``; 1 on Ray). Timings
+            of small models are steadier with 1 on a busy machine.
         on_row: called with each row after it is written.
 
     Raises:
         pyrovae.files.FolderLockedError: another process writes to ``out_dir``.
+        pyrovae.bench.ray_engine.EngineUnavailableError: ``engine="ray"``
+            without Ray installed, or a Ray cluster that cannot be reached.
         SuiteInterrupted: SIGTERM or SIGHUP stopped the suite (a
             ``KeyboardInterrupt``, as Ctrl-C raises); the finished rows are
             in ``results.csv`` and a rerun continues from them.
     """
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if address is not None and engine != "ray":
+        raise ValueError("an address is for the ray engine (engine='ray', --engine ray)")
+    if engine == "ray":
+        from pyrovae.bench.ray_engine import require_ray
+
+        require_ray()  # before anything is written: one line on what to install
     t0 = time.perf_counter()
     out = Path(out_dir)
-    with FolderLock(out, what="suite"), _stop_on_signals():
-        return _run_suite_locked(suite, out, t0, jobs=jobs, progress=progress,
-                                 retry_errors=retry_errors, fail_fast=fail_fast, report=report,
-                                 threads=threads, on_row=on_row)
+    with FolderLock(out, what="suite"), _stop_on_signals() as stop:
+        try:
+            return _run_suite_locked(suite, out, t0, jobs=jobs, engine=engine,
+                                     address=address, progress=progress,
+                                     retry_errors=retry_errors, fail_fast=fail_fast,
+                                     report=report, threads=threads, on_row=on_row)
+        except KeyboardInterrupt as err:
+            if stop.signum is not None and not isinstance(err, SuiteInterrupted):
+                raise SuiteInterrupted(stop.signum) from None
+            raise
 
 
-def _run_suite_locked(suite: Suite, out: Path, t0: float, *, jobs: int, progress: bool,
-                      retry_errors: bool, fail_fast: bool, report: bool, threads: Optional[int],
+def _run_suite_locked(suite: Suite, out: Path, t0: float, *, jobs: Optional[int], engine: str,
+                      address: Optional[str], progress: bool, retry_errors: bool,
+                      fail_fast: bool, report: bool, threads: Optional[int],
                       on_row: Optional[Callable[[Dict[str, Any]], None]]) -> RunSummary:
     """The body of :func:`run_suite`, run holding the folder's lock."""
     from tqdm.auto import tqdm
@@ -318,7 +387,12 @@ def _run_suite_locked(suite: Suite, out: Path, t0: float, *, jobs: int, progress
 
     previous_threads = torch.get_num_threads()
     try:
-        if jobs == 1:
+        if engine == "ray":
+            from pyrovae.bench.ray_engine import run_on_ray
+
+            run_on_ray(todo, record, task=_ray_task, error_row=error_row, label=cell_label,
+                       jobs=jobs, threads=threads, fail_fast=fail_fast, address=address)
+        elif (jobs or 1) == 1:
             if threads is not None:
                 torch.set_num_threads(threads)
             for cell in todo:

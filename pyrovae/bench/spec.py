@@ -40,6 +40,8 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -70,6 +72,8 @@ RUNNER_DATASET_OPTIONS = ("split", "device")
 RUNNER_FIT_FIELDS = (
     "elbo", "num_particles", "vectorize_particles", "elbo_options", "epochs", "max_steps",
     "max_seconds", "seed", "eval_every", "eval_size", "checkpoint_dir", "resume", "progress",
+    # Each cell trains in one process (of the runner's own pool).
+    "devices", "num_nodes", "strategy", "accelerator",
 )
 
 
@@ -505,7 +509,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
     if "svi" in methods:
         raw_objectives = _as_list(p, f"{where}.objectives", graw.get("objectives"))
     else:
-        raw_objectives = graw.get("objectives") or []
+        raw_objectives = _as_list(p, f"{where}.objectives", graw.get("objectives"), [])
     for i, entry in enumerate(raw_objectives):
         ow = f"{where}.objectives[{i}]"
         oname, options = _named(p, ow, entry)
@@ -570,7 +574,7 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
         else:
             for key in RUNNER_DATASET_OPTIONS:
                 if key in options:
-                    p.add(f"{dw}.{key}", f"is set by the runner; use train_split/test_split "
+                    p.add(f"{dw}.{key}", "is set by the runner; use train_split/test_split "
                           "and the grid's device key instead")
         _check_values(p, dw, options, option_types(DATASETS[dname], skip=RUNNER_DATASET_OPTIONS))
         spec["options"] = options
@@ -578,7 +582,8 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
 
     budgets = []
     svi = "svi" in methods
-    raw_budgets = _as_list(p, f"{where}.budgets", graw.get("budgets")) if svi else (graw.get("budgets") or [])
+    raw_budgets = (_as_list(p, f"{where}.budgets", graw.get("budgets")) if svi
+                   else _as_list(p, f"{where}.budgets", graw.get("budgets"), []))
     for i, b in enumerate(raw_budgets):
         bw = f"{where}.budgets[{i}]"
         if not isinstance(b, dict) or not b:
@@ -591,9 +596,10 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
             if key not in b:
                 continue
             v = b[key]
-            good = (v > 0 and _is_number(v)) if key == "seconds" else (_is_int(v) and v >= 1)
+            good = ((_is_number(v) and math.isfinite(v) and v > 0) if key == "seconds"
+                    else (_is_int(v) and v >= 1))
             if not good:
-                kind = "a number > 0" if key == "seconds" else "an integer >= 1"
+                kind = "a finite number > 0" if key == "seconds" else "an integer >= 1"
                 p.add(f"{bw}.{key}", f"must be {kind}, got {v!r}")
                 ok = False
         if ok and set(b) <= set(BUDGET_KEYS):
@@ -651,8 +657,9 @@ def _parse_grid(p, where, index, graw, MODELS, GUIDES, ELBOS, DATASETS) -> Grid:
                                       {k: v for k, v in skl.items() if k in allowed})
 
     device = graw.get("device", "cpu")
-    if not isinstance(device, str):
-        p.add(f"{where}.device", f"must be a device string such as 'cpu' or 'cuda', got {device!r}")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        # Whether the machine has the device is checked where the cell runs.
+        p.add(f"{where}.device", f"must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         device = "cpu"
 
     return Grid(

@@ -21,6 +21,8 @@ methods):
   object, string, date or categorical values, scalars, ragged lists, empty data
   (N = 0 or D = 0) and any other type (``ValueError`` for bad values or shapes,
   ``TypeError`` for an unsupported type);
+- refused too: finite values that the conversion to ``dtype`` would turn
+  into inf (1e300 in float32);
 - not checked here: NaN and infinite values (a model's ``check_data`` and
   evaluation do that).
 """
@@ -92,10 +94,26 @@ class ArrayDataset:
         generator: Optional[torch.Generator] = None,
         shuffle: bool = True,
         drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[torch.Tensor]:
         """One epoch of batches; with ``drop_last`` every batch has the same
-        shape, which JIT-compiled objectives need."""
+        shape, which JIT-compiled objectives need.
+
+        With ``world_size`` > 1 (data-parallel training) every process passes
+        the same ``generator`` state and its own ``rank``: the epoch's
+        permutation and batches of ``batch_size`` (the global batch) are the
+        ones a single process draws, and process ``rank`` gets rows
+        ``rank * b .. (rank + 1) * b`` of each, ``b = batch_size / world_size``.
+        Dynamically binarized data is drawn for the whole batch on every
+        process, so the generators stay in step and the processes together
+        see the single-process stream.
+        """
         n = len(self)
+        if world_size > 1 and (batch_size > n or batch_size % world_size or not drop_last):
+            raise ValueError(f"a batch of {batch_size} cannot be split over {world_size} "
+                             f"processes on {n} data points: it must divide evenly and fit, "
+                             "and partial batches are dropped")
         if batch_size > n:
             batch_size = n
         if shuffle:
@@ -105,8 +123,22 @@ class ArrayDataset:
         else:
             order = torch.arange(n, device=self.x.device)
         stop = n - n % batch_size if drop_last else n
+        if world_size > 1:
+            yield from self._shard(order, stop, batch_size, generator, rank, world_size)
+            return
         for start in range(0, stop, batch_size):
             yield self._draw(self.x[order[start : start + batch_size]], generator)
+
+    def _shard(self, order: torch.Tensor, stop: int, batch_size: int,
+               generator: Optional[torch.Generator], rank: int,
+               world_size: int) -> Iterator[torch.Tensor]:
+        lo = rank * (batch_size // world_size)
+        hi = lo + batch_size // world_size
+        for start in range(0, stop, batch_size):
+            if self.binarize == "dynamic":
+                yield self._draw(self.x[order[start : start + batch_size]], generator)[lo:hi]
+            else:
+                yield self.x[order[start + lo : start + hi]]
 
     def fixed(self, seed: int = 0) -> torch.Tensor:
         """The data as evaluated: for dynamic binarization, one binarization
@@ -247,7 +279,15 @@ def as_tensor(
         x = x.unsqueeze(-1)
     elif x.dim() > 2:
         x = x.reshape(x.shape[0], -1)
-    return x.to(dtype=dtype, device=device)
+    out = x.to(dtype=dtype, device=device)
+    if (x.is_floating_point() and out.is_floating_point()
+            and torch.finfo(out.dtype).max < torch.finfo(x.dtype).max
+            and bool(torch.isinf(out).any()) and not bool(torch.isinf(x).any())):
+        raise ValueError(
+            f"{name} has values up to {x.abs().max().item():.3g}, beyond the range of {out.dtype} "
+            f"(largest {torch.finfo(out.dtype).max:.3g}); rescale or standardize it first"
+        )
+    return out
 
 
 def as_dataset(

@@ -96,7 +96,12 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
             f"{what} is not in {path.parent}: expected the file {path.name} there. "
             "Point root= / --data-root / PYROVAE_DATA at the data folder that holds tabular/."
         )
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except (ValueError, OSError) as err:  # empty, binary, malformed, a folder
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{path} is not a readable CSV file ({reason}); it needs a header "
+                         "line and comma-separated numeric columns") from None
 
 
 def _drop_row_names(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,6 +148,9 @@ def load_csv(
     if missing:
         raise ValueError(f"{path.name} has no column(s) {missing}; its columns are {list(frame.columns)}")
     frame = frame[used].dropna()
+    if frame.empty:
+        raise ValueError(f"{path.name} has no rows with a value in every used column {used}; "
+                         "add data rows, or choose columns=[...] that are filled in")
     features = frame[columns]
     non_numeric = [c for c in columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:

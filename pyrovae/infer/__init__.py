@@ -6,6 +6,9 @@ from pyrovae.infer.objectives import ELBOS, make_objective
 from pyrovae.infer.iwae import IWAE, STL_ELBO
 from pyrovae.infer.beta import BetaELBO
 from pyrovae.infer.fit import FitConfig, FitResult, fit
+# The multi-process training loop registers itself in fit.PARALLEL_ENGINES
+# (without importing Lightning, which it loads only when used).
+from pyrovae.infer import distributed  # noqa: F401
 from pyrovae.infer.evaluate import Evaluation, evaluate, log_importance_weights
 from pyrovae.infer.diagnostics import gradient_stats
 

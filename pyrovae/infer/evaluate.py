@@ -21,12 +21,13 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import pandas as pd
 import pyro
@@ -36,7 +37,8 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
-from pyrovae.infer.program import Program, data_placement, resolve
+from pyrovae.infer.program import (Program, data_placement, describe_error, module_of,
+                                   resolve, without_trace_shapes)
 from pyrovae.infer.traces import PARTICLE_PLATE, pointwise_log_prob, sample_log_weights
 from pyrovae.models.base import capability
 from pyrovae.seeding import seeded
@@ -44,6 +46,24 @@ from pyrovae.seeding import seeded
 # Upper bound on (particles x data points x data dimension) held at once, which
 # keeps memory bounded for K = 5000 on a full test set.
 ELEMENT_BUDGET = 2**23
+
+
+@contextlib.contextmanager
+def _scoring(x: torch.Tensor) -> Iterator[None]:
+    """Turn torch's check of a distribution's parameters (a zero or infinite
+    scale met while scoring) into one line that says what to do."""
+    try:
+        yield
+    except ValueError as err:
+        original = without_trace_shapes(err)
+        if not str(original).startswith("Expected parameter"):
+            raise
+        raise ValueError(
+            f"the model cannot score this data ({describe_error(original)}): its parameters "
+            f"are degenerate (a zero or infinite scale), or the data (largest |x| = "
+            f"{x.abs().max().item():.3g}) is far outside what it can score in {x.dtype}; "
+            "standardize the data, or train again with a lower learning rate"
+        ) from None
 
 
 def _program(model: Any, guide: Optional[Callable], x: torch.Tensor) -> Program:
@@ -384,6 +404,12 @@ def evaluate(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if max_points is not None and (int(max_points) != max_points or max_points < 1):
         raise ValueError(f"max_points must be an integer >= 1 or None, got {max_points!r}")
+    owner = module_of(model)
+    if owner is not None:
+        bad = [n for n, p in owner.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"the model's parameters {bad[:3]} hold NaN or infinite values; "
+                             "train it again or load a good checkpoint")
     dtype, device = data_placement(model, data)
     data = as_dataset(data, "test", dtype=dtype, device=device)
     x = data.fixed(seed)
@@ -394,7 +420,7 @@ def evaluate(
     if check_data is not None:
         check_data(x)
     t0 = time.perf_counter()
-    with seeded(seed, x.device), torch.no_grad():
+    with seeded(seed, x.device), torch.no_grad(), _scoring(x):
         program = resolve(model, guide, x[:2])
         program.eval()
         is_global = program.has_global_latents

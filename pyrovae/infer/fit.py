@@ -17,6 +17,7 @@ make them reproducible too, as ``pyrovae train`` and suite cells do.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import time
@@ -34,7 +35,8 @@ from pyrovae.data.core import ArrayDataset, as_dataset, check_finite
 from pyrovae.files import atomic_path
 from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitState, schedule_factor
 from pyrovae.infer.objectives import make_objective
-from pyrovae.infer.program import data_placement, module_of, resolve
+from pyrovae.infer.program import (data_placement, describe_error, module_of, resolve,
+                                   without_trace_shapes)
 from pyrovae.models.base import capability
 from pyrovae.seeding import derive_seed, seeded
 
@@ -52,6 +54,10 @@ HISTORY_COLUMNS = [
 # A per-point loss this many times larger than at the start (plus a margin for
 # losses near zero) means training is running away.
 EXPLOSION_FACTOR = 1e3
+#: Multi-process training loops, used when devices * num_nodes > 1.
+#: pyrovae.infer.distributed builds on this module and registers "fabric"
+#: itself (as pyrovae's objectives fill ELBOS); importing pyrovae.infer does it.
+PARALLEL_ENGINES: Dict[str, Callable[..., Any]] = {}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -97,6 +103,12 @@ class FitConfig:
     lr_schedule: Optional[str] = None  # cosine | step:N:GAMMA | exponential:GAMMA | warmup:N
     early_stopping: Optional[int] = None  # stop after N evaluations without held-out gain
     clip_grad: Optional[float] = None  # clip the gradient's total norm to this value
+    # Data-parallel training (pyrovae.infer.distributed, needs pyrovae[distributed]):
+    # used when devices * num_nodes > 1, where batch_size is the global batch.
+    devices: int = 1  # processes (one per device) on each machine
+    num_nodes: int = 1  # machines (started by torchrun, SLURM or one command per node)
+    strategy: str = "auto"  # Lightning Fabric strategy: ddp, ddp_spawn, ... (auto: ddp)
+    accelerator: str = "auto"  # Fabric accelerator: cpu, gpu, cuda, auto
 
     def __post_init__(self) -> None:
         checks = [
@@ -117,10 +129,23 @@ class FitConfig:
             (self.clip_grad is None or (isinstance(self.clip_grad, (int, float))
                                         and math.isfinite(self.clip_grad) and self.clip_grad > 0),
              "clip_grad must be a finite number > 0"),
+            *[(not isinstance(getattr(self, name), bool) and isinstance(getattr(self, name), int)
+               and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
+              for name in ("devices", "num_nodes")],
+            *[(isinstance(getattr(self, name), str) and getattr(self, name),
+               f"{name} must be a name such as {example}")
+              for name, example in (("strategy", "'ddp'"), ("accelerator", "'cpu' or 'gpu'"))],
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"FitConfig: {message}")
+        world = self.devices * self.num_nodes
+        if world > 1 and importlib.util.find_spec("lightning") is None:
+            raise ValueError(f"FitConfig: devices x num_nodes = {world} trains on Lightning "
+                             "Fabric, which is not installed: pip install 'pyrovae[distributed]'")
+        if world > 1 and self.batch_size % world:
+            raise ValueError(f"FitConfig: batch_size {self.batch_size} is the global batch and "
+                             f"must divide evenly over devices x num_nodes = {world} processes")
         schedule_factor(self.lr_schedule, 0, max(self.epochs, 1))  # raises for a bad name
 
     def to_dict(self) -> Dict[str, Any]:
@@ -147,6 +172,12 @@ class FitResult:
     @property
     def final(self) -> pd.Series:
         return self.history.iloc[-1]
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, at most ``limit`` characters."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _finite_gradients(params: List[torch.Tensor]) -> bool:
@@ -199,7 +230,51 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a pyrovae checkpoint (format {found})")
+    if not isinstance(state.get("model_state"), dict):
+        raise ValueError(f"{path} has no model_state (the trained weights), so it is not a "
+                         "complete pyrovae checkpoint; restore it from a backup or train again")
     return state
+
+
+#: What a checkpoint needs besides the weights to continue training.
+RESUME_KEYS = ("param_store", "optimizer", "epoch", "step", "seconds", "history", "torch_rng",
+               "generator_rng")
+
+
+def check_world_size(state: Dict[str, Any], path: Union[str, Path], world_size: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes:
+    its random streams and batch shards belong to that number."""
+    saved = state.get("world_size", 1)
+    if saved != world_size:
+        raise ValueError(
+            f"{path} was written by a run on {saved} process{'es' if saved != 1 else ''} and "
+            f"this one has {world_size}: resume it with devices x num_nodes = {saved}, or start "
+            "a new run"
+        )
+
+
+def load_weights(module: torch.nn.Module, state: Dict[str, Any], path: Union[str, Path]) -> None:
+    """``module.load_state_dict(state)``, with one clear line when the weights
+    of checkpoint ``path`` do not fit the module or are not finite."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state
+                and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = [f"{label} {keys[:3]}" for label, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("other shapes for", reshaped))
+            if keys]
+        raise ValueError(
+            f"{path} does not fit this {type(module).__name__} ({'; '.join(parts)}): it was "
+            "written for another model or other options (z_dim, hidden, ...); use the options "
+            "it was trained with, or train again"
+        )
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite weights {bad[:3]}; restore it from a "
+                         "backup or train again")
+    module.load_state_dict(state)
 
 
 def fit(
@@ -262,6 +337,16 @@ def fit(
     check_data = capability(model, "check_data")
     if check_data is not None:
         check_data(train.x[:1000] if train.binarize != "dynamic" else train.fixed()[:1000])
+        if test is not None:  # the held-out ELBO of every epoch scores it too
+            try:
+                check_data(test.x[:1000] if test.binarize != "dynamic" else test.fixed()[:1000])
+            except ValueError as err:
+                raise ValueError(f"the test data: {err}") from None
+    if config.devices * config.num_nodes > 1:
+        # Data-parallel training on Lightning Fabric; the loop below stays the
+        # single-process path, with no Lightning import and no wrapper.
+        return PARALLEL_ENGINES["fabric"](model, train, test, guide=guide, config=config,
+                                          metadata=metadata, callbacks=callbacks)
     ckpt_path = None
     if config.checkpoint_dir:
         Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -294,12 +379,19 @@ def fit(
             else config.elbo
         )
         optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
+        optim.zero_grad(set_to_none=True)  # no stale gradients from earlier calls
         history: List[Dict[str, Any]] = []
         epoch, step, seconds = 0, 0, 0.0
         if config.resume and ckpt_path is not None and ckpt_path.exists():
             state = load_checkpoint(ckpt_path)
+            lacking = [k for k in RESUME_KEYS if k not in state]
+            if lacking:
+                raise ValueError(f"{ckpt_path} lacks {lacking}, which training needs to "
+                                 "continue (an EM run's checkpoint, or a damaged one); start "
+                                 "a new run instead of resuming")
+            check_world_size(state, ckpt_path, 1)
             if module is not None:
-                module.load_state_dict(state["model_state"])
+                load_weights(module, state["model_state"], ckpt_path)
             for name, value in state["param_store"].items():
                 if name in store_only:
                     store_only[name].data.copy_(value)
@@ -352,13 +444,27 @@ def fit(
                     on_step(step)
                 try:
                     loss = _loss_and_grads(objective, model_fn, guide_fn, xb)
-                except ValueError:
+                except ValueError as err:
                     # Pyro's argument validation is where NaN parameters
                     # usually surface; name the divergence, not the symptom.
+                    original = without_trace_shapes(err)
                     if all(bool(torch.isfinite(p).all()) for p in params):
-                        raise
+                        if step == start_step:  # the programs never ran: not a divergence
+                            if original is err:
+                                raise
+                            raise original from None
+                        # They ran before at this shape: training took a parameter
+                        # out of its range (a zero or infinite scale).
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"the model became invalid at step {step + 1} (epoch {epoch + 1}): "
+                            f"{describe_error(original)}; lower the learning rate (now "
+                            f"{config.lr}) or clip the gradients (clip_grad)",
+                            pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                        ) from None
                     loss = float("nan")
-                if step == start_step and not any(p.grad is not None for p in params):
+                if (step == start_step and math.isfinite(loss)
+                        and not any(p.grad is not None for p in params)):
                     raise ValueError(
                         "the objective produced no gradients for the parameters: register "
                         "networks with pyro.module(name, net) (LatentModel.register) inside "
@@ -367,6 +473,16 @@ def fit(
                 bad = None if math.isfinite(loss) else f"the loss became {loss}"
                 if bad is not None and not all(bool(torch.isfinite(p).all()) for p in params):
                     bad = "a parameter became NaN or infinite"
+                elif bad is not None and step == 0 and not config.skip_nonfinite:
+                    optim.zero_grad(set_to_none=True)
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the loss was {loss} at step 1, before any update, so the learning "
+                        f"rate is not the cause: the data (largest |x| = "
+                        f"{train.x.abs().max().item():.3g}) is likely too large for this model "
+                        f"in {train.x.dtype}; standardize it, or check the initial parameters",
+                        pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                    )
                 if bad is None and not _finite_gradients(params):
                     bad = "a gradient became NaN or infinite"
                 if bad is not None:
@@ -408,6 +524,18 @@ def fit(
                     hooks("on_step", fit_state)
                 if step % 20 == 0:
                     bar.set_postfix(elbo=f"{-loss / sizes[-1]:.2f}")
+            if losses and not all(bool(torch.isfinite(p).all()) for p in params):
+                # The epoch's last update overflowed: stop before an evaluation or a
+                # checkpoint sees the parameters.
+                bar.close()
+                where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
+                         if ckpt_path is not None and epoch > 0 else "")
+                raise TrainingDiverged(
+                    f"a parameter became NaN or infinite at step {step} (epoch {epoch + 1})"
+                    f"{where}; lower the learning rate (now {config.lr}) and resume, or clip "
+                    "the gradients (clip_grad)",
+                    pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                )
             seconds += time.perf_counter() - t0
             epoch += 1
             row = {
@@ -423,8 +551,28 @@ def fit(
                 # Evaluation draws from its own stream: whether and how often
                 # the held-out ELBO is computed never changes the training.
                 with seeded(derive_seed(config.seed, epoch), train.x.device):
-                    terms = elbo_terms(program, None, test_x)
+                    try:
+                        terms = elbo_terms(program, None, test_x)
+                    except ValueError as err:  # parameters out of range (a zero scale)
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"the held-out evaluation after epoch {epoch} failed: "
+                            f"{describe_error(err)}; training took the "
+                            f"parameters out of range: lower the learning rate (now "
+                            f"{config.lr}) or clip the gradients (clip_grad)",
+                            pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                        ) from None
                 row.update({f"test_{k}": v.mean().item() for k, v in terms.items()})
+                if not math.isfinite(row["test_elbo"]):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the held-out ELBO after epoch {epoch} is {row['test_elbo']}: the test "
+                        f"data (largest |x| = {test_x.abs().max().item():.3g}) is far outside "
+                        f"what the model can score in {test_x.dtype}, or training took the "
+                        "parameters out of range; standardize the data, or lower the learning "
+                        f"rate (now {config.lr})",
+                        pd.DataFrame(history, columns=HISTORY_COLUMNS),
+                    )
                 bar.set_postfix(elbo=f"{row['train_elbo']:.2f}", test=f"{row['test_elbo']:.2f}")
                 hooks("on_evaluation", fit_state)
             hooks("on_epoch_end", fit_state)

@@ -25,6 +25,7 @@ global random number generator like any run of the programs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -54,6 +55,28 @@ def split_programs(model: Any, guide: Optional[Callable] = None) -> Tuple[Callab
         "pass a model object with model(x) and guide(x) methods, "
         "or a Pyro model callable together with guide=..."
     )
+
+
+def without_trace_shapes(err: BaseException) -> BaseException:
+    """The error a model or guide raised, without the table of trace shapes
+    that each enclosing ``poutine.trace`` appends to its message (Pyro re-raises
+    a copy whose cause is the original)."""
+    while (err.__cause__ is not None and type(err.__cause__) is type(err)
+           and str(err).startswith(f"{err.__cause__}\n")):
+        err = err.__cause__
+    return err
+
+
+def describe_error(err: BaseException) -> str:
+    """An error met while running the programs, in a few words: torch's check
+    of a distribution's parameters as "the scale of a Normal is out of its
+    range", anything else as its first line (200 characters at most)."""
+    text = str(without_trace_shapes(err)).strip()
+    found = re.match(r"Expected parameter (\w+) .*?of distribution (\w+)", text, re.S)
+    if found:
+        return f"the {found[1]} of a {found[2]} is out of its range (NaN, inf or not positive)"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def module_of(obj: Any) -> Optional[nn.Module]:
@@ -128,6 +151,11 @@ def resolve(model: Any, guide: Optional[Callable] = None, x: Optional[torch.Tens
         with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as capture:
             guide_trace = poutine.trace(guide_fn).get_trace(x)
             model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)).get_trace(x)
+    except (ValueError, RuntimeError) as err:
+        original = without_trace_shapes(err)
+        if original is err:
+            raise
+        raise original from None
     finally:
         for m, training in modes:
             m.train(training)

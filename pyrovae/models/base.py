@@ -48,7 +48,7 @@ import pyro
 import torch
 from torch import nn
 
-from pyrovae.data.core import as_tensor
+from pyrovae.data.core import as_tensor, check_finite
 
 _instance_ids = itertools.count()
 
@@ -230,23 +230,41 @@ class LatentModel(nn.Module):
         in the model's dtype (or ``dtype``, e.g. float64 for EM) and on its
         device, taken from its first floating-point parameter or buffer (the
         default dtype when it has none); then, when the model knows its data
-        dimension ``x_dim``, a check of the number of columns."""
+        dimension ``x_dim``, a check of the number of columns, and a check
+        that every value is finite (no model scores NaN or inf)."""
         ref = next((t for t in itertools.chain(self.parameters(), self.buffers())
                     if t.is_floating_point()), None)
         if dtype is None:
             dtype = torch.get_default_dtype() if ref is None else ref.dtype
         one_dimensional = getattr(x, "ndim", None) == 1
+        shape = tuple(getattr(x, "shape", ()))
         out = as_tensor(x, dtype=dtype, device=None if ref is None else ref.device)
         x_dim = getattr(self, "x_dim", None)
         if isinstance(x_dim, int) and out.shape[1] != x_dim:
             hint = ""
             if one_dimensional and out.shape[0] == x_dim:
                 hint = "; a 1-D input is N points of one column, so pass one data point as shape (1, D)"
+            elif len(shape) > 2:
+                hint = f"; an input of shape {shape} is flattened to one row per data point"
             raise ValueError(
                 f"{type(self).__name__} expects data with {x_dim} columns, shape (N, {x_dim}); "
                 f"got {out.shape[1]} columns (shape {tuple(out.shape)}){hint}"
             )
+        check_finite(out, "the data")
         return out
+
+    @staticmethod
+    def finite_result(values: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``values`` computed from data ``x``, or one clear error when some
+        are NaN or infinite (finite data too large for the model's dtype)."""
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"{what} gave a non-finite result (NaN or inf): the data (largest |x| = "
+                f"{x.abs().max().item():.3g}) is far outside what this model can score in "
+                f"{x.dtype}, or its parameters are degenerate; standardize the data, or "
+                "check the parameters"
+            )
+        return values
 
     def model(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

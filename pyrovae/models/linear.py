@@ -215,12 +215,16 @@ class FactorAnalysis(LatentModel):
         """Exact log p(x_n) = log N(x_n; mu, W W^T + Psi), shape (N,)."""
         x = self.as_data(x)
         p = self.params()
-        return linear_gaussian_log_prob(x, p.loc, p.weight, p.noise)
+        return self.finite_result(linear_gaussian_log_prob(x, p.loc, p.weight, p.noise), x,
+                                  "log_marginal")
 
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """Exact p(z | x), a MultivariateNormal with batch shape (N,)."""
         x = self.as_data(x)
         p = self.params()
+        with torch.no_grad():  # the mean, checked before the distribution validates it
+            a, b, _ = posterior_map(p.loc, p.weight, p.noise)
+            self.finite_result(x @ a.T + b, x, "posterior")
         return linear_gaussian_posterior(x, p.loc, p.weight, p.noise)
 
     @torch.no_grad()

@@ -139,6 +139,13 @@ class _MixtureMethods(LatentModel):
 
     def _maybe_initialize(self, x: torch.Tensor) -> None:
         if self.init != "random" and not bool(self.initialized):
+            if x.shape[0] < self.K:
+                raise ValueError(
+                    f"this {type(self).__name__} is not initialized and initializes itself from "
+                    f"the first batch it sees, which has {x.shape[0]} points, fewer than its "
+                    f"K={self.K} components: give it at least {self.K} points (a larger batch "
+                    "or training set), or call initialize(x) or fit it before evaluating"
+                )
             self.initialize(x)
 
     # -- predictions -----------------------------------------------------------
@@ -154,7 +161,8 @@ class _MixtureMethods(LatentModel):
         x = self.as_data(x)
         self.check_data(x)
         params = self.mixture_parameters()
-        return params.responsibilities(x.to(params.means.dtype)).to(x.dtype)
+        return self.finite_result(params.responsibilities(x.to(params.means.dtype)).to(x.dtype),
+                                  x, "predict_proba")
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,7 +313,7 @@ class GaussianMixture(_MixtureMethods):
         self.check_data(x)
         weights, loc, scale = self.mixture.constrained()
         log_joint = self._component(loc, scale).log_prob(x.unsqueeze(-2)) + weights.log()
-        return torch.logsumexp(log_joint, -1)
+        return self.finite_result(torch.logsumexp(log_joint, -1), x, "log_marginal")
 
     def mixture_parameters(self) -> MixtureParameters:
         with torch.no_grad():

@@ -131,7 +131,8 @@ class VAE(LatentModel):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior mean of q(z | x), shape (N, z_dim)."""
-        return self.encoder(self.as_data(x))[0]
+        x = self.as_data(x)
+        return self.finite_result(self.encoder(x)[0], x, "encode")
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ def test_bad_values():
     expected = [
         "grid[0].budgets[0].steps: must be an integer >= 1, got 0",
         "grid[0].budgets[1].minutes: unknown key 'minutes'; allowed keys: epochs, seconds, steps",
-        "grid[0].budgets[2].seconds: must be a number > 0, got -1",
+        "grid[0].budgets[2].seconds: must be a finite number > 0, got -1",
         "grid[0].budgets[3]: must be a table",
         "grid[0].seeds[0]: must be an integer >= 0, got -1",
         "grid[0].seeds[1]: must be an integer >= 0, got 'a'",
