@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
@@ -420,11 +421,16 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
                   record: Callable[[Dict[str, Any]], None]) -> None:
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {k: v for k, v in os.environ.items() if k.startswith("PYROVAE_")}
-    pool = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(threads, env, os.getpid()),
-    )
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(threads, env, os.getpid()),
+        )
+
+    pool = new_pool()
     pending: Dict[Future, Cell] = {}
+    died: set = set()  # keys of cells whose worker pool broke once
     queue = list(todo)
     finished_normally = False
     try:
@@ -435,9 +441,33 @@ def _run_parallel(todo: Sequence[Cell], jobs: int, threads: Optional[int], fail_
                 cell = queue.pop(0)
                 pending[pool.submit(run_cell, cell.to_dict(), fail_fast)] = cell
             finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            broken = []
             for fut in finished:
-                pending.pop(fut)
-                record(fut.result())
+                cell = pending.pop(fut)
+                try:
+                    row = fut.result()
+                except BrokenProcessPool:
+                    broken.append(cell)
+                    continue
+                record(row)
+            if broken:
+                # A worker died (killed, out of memory) and took the pool with
+                # it; which of the cells in flight it held is unknown. Each
+                # gets one more try in a fresh pool, and an error row when
+                # it breaks a pool again.
+                pool.shutdown(wait=True, cancel_futures=True)
+                broken += [pending.pop(fut) for fut in list(pending)]
+                retry = []
+                for cell in broken:
+                    if cell.key in died:
+                        record(error_row(cell, "the worker process running this cell died "
+                                         "(killed, or out of memory?) twice; rerun with "
+                                         "--retry-errors", threads=threads))
+                    else:
+                        died.add(cell.key)
+                        retry.append(cell)
+                queue = retry + queue
+                pool = new_pool()
         finished_normally = True
     finally:
         if not finished_normally:

@@ -182,3 +182,34 @@ def test_sigterm_in_process_stops_the_suite_and_restores_the_handler(tmp_path):
     # Everything the suite writes is written whole: no temporaries are left.
     assert not list(out.glob(".*.tmp"))
     assert (out / "suite.toml").read_text() == suite.text
+
+
+def test_a_worker_that_dies_costs_one_retry_not_the_suite(tmp_path):
+    # A worker killed from outside (as the kernel's out-of-memory killer would)
+    # breaks the process pool; its cells run again in a fresh pool.
+    import threading
+
+    suite = load_suite(_suite(tmp_path, budget="seconds = 1", seeds=(0, 1, 2, 3)))
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_a_worker():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            workers = [pid for pid in _children(os.getpid())
+                       if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            if workers and _rows(out / "results.csv") == 0:
+                time.sleep(1.0)  # let it start a cell
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill_a_worker)
+    thread.start()
+    summary = run_suite(suite, out, jobs=2, progress=False, report=False)
+    thread.join()
+    assert killed
+    frame = load_results(out)
+    assert sorted(frame["cell_key"]) == sorted(c.key for c in suite.cells())
+    assert (frame["status"] == "ok").all(), frame["error"].tolist()
+    assert summary.errors == 0
