@@ -375,14 +375,23 @@ def _run_suite_locked(suite: Suite, out: Path, t0: float, *, jobs: Optional[int]
                 done[key] = status
     todo = [c for c in cells if c.key not in done or (retry_errors and done[c.key] != "ok")]
     errors = 0
-    bar = tqdm(total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not progress)
+    # A bar on a terminal; one line per finished cell in a log file or CI output.
+    interactive = progress and sys.stderr.isatty()
+    bar = tqdm(total=len(todo), desc=f"bench {suite.name}", unit="cell", disable=not interactive)
+    done_now = 0
 
     def record(row: Dict[str, Any]) -> None:
-        nonlocal errors
+        nonlocal errors, done_now
         results.append(row)
         errors += row["status"] != "ok"
+        done_now += 1
         bar.update(1)
         bar.set_postfix(errors=errors, last=f"{row['model']}/{row['objective'] or row['method']}")
+        if progress and not interactive:
+            what = row["objective"] or row["method"]
+            print(f"bench {suite.name}: cell {done_now}/{len(todo)} {row['model']}/"
+                  f"{row['dataset']}/{what} seed={row['seed']}: {row['status']} "
+                  f"({row['wall_seconds']:.1f} s)", file=sys.stderr, flush=True)
         if on_row is not None:
             on_row(row)
 

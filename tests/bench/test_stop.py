@@ -213,3 +213,14 @@ def test_a_worker_that_dies_costs_one_retry_not_the_suite(tmp_path):
     assert sorted(frame["cell_key"]) == sorted(c.key for c in suite.cells())
     assert (frame["status"] == "ok").all(), frame["error"].tolist()
     assert summary.errors == 0
+
+
+def test_progress_off_a_terminal_is_one_line_per_cell(tmp_path, capsys):
+    suite = load_suite(_suite(tmp_path, budget="steps = 3", seeds=(0, 1)))
+    run_suite(suite, tmp_path / "out", progress=True, report=False)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("bench stop: cell")]
+    assert [line.split(" fa/")[0] for line in lines] == ["bench stop: cell 1/2",
+                                                         "bench stop: cell 2/2"]
+    assert all(": ok (" in line for line in lines)
