@@ -301,3 +301,16 @@ def test_config_of_the_first_command_line_reads_with_every_setting():
     assert spec.dataset_options == {"root": "/data", "binarize": "static"}
     assert spec.seed == 3 and spec.fit == {"elbo": "TraceMeanField_ELBO", "epochs": 2}
     assert (spec.eval.num_samples, spec.eval.max_points, spec.train_size) == (20, 200, 512)
+
+
+def test_two_mean_field_guides_never_share_parameters():
+    from pyrovae import BayesianGaussianMixture
+
+    x = load_dataset("faithful", split="train").x
+    a = BayesianGaussianMixture(2, 2, num_data=len(x))
+    b = BayesianGaussianMixture(2, 2, num_data=len(x))
+    b.initialize(x)
+    before = _state(b)
+    fit(a, x, epochs=3, batch_size=64, lr=0.05, progress=False)
+    assert all(torch.equal(before[k], _state(b)[k]) for k in before)
+    assert not set(map(id, a.parameters())) & set(map(id, b.parameters()))
