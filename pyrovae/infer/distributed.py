@@ -67,9 +67,10 @@ from tqdm.auto import tqdm
 
 from pyrovae.data.core import ArrayDataset
 from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitState, schedule_factor
-from pyrovae.infer.fit import (CHECKPOINT_FORMAT, EXPLOSION_FACTOR, HISTORY_COLUMNS, OPTIMIZERS,
-                               PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult, TrainingDiverged,
-                               check_world_size, load_checkpoint, load_weights, save_checkpoint)
+from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX, OPTIMIZERS,
+                               OVERFLOW_FIX, PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult,
+                               TrainingDiverged, check_world_size, diverged, exploding,
+                               load_checkpoint, load_weights, save_checkpoint)
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
                                    without_trace_shapes)
@@ -473,25 +474,17 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                         bar.update(1)
                         continue
                     bar.close()
-                    where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
-                             if ckpt_path is not None and epoch > 0 else "")
-                    raise TrainingDiverged(
-                        f"{bad} at step {step + 1} (epoch {epoch + 1}){where}; lower the "
-                        f"learning rate (now {config.lr}) and resume, check the data for "
-                        "NaN/inf, or skip such batches with skip_nonfinite", frame())
+                    raise diverged(bad, step + 1, epoch, ckpt_path, config.lr, NONFINITE_FIX,
+                                   frame())
                 # This rank's share of the step: its loss per data point stands for the
                 # step's in the per-step display, callbacks and the explosion warning.
                 size = num_data or xb.shape[0]
                 if start_loss is None:
                     start_loss = loss / size
-                elif (main and not warned
-                      and abs(loss / size) > EXPLOSION_FACTOR * (abs(start_loss) + 1.0)):
+                elif main and not warned and (message := exploding(
+                        loss / size, start_loss, step + 1, config.lr)):
                     warned = True
-                    warnings.warn(
-                        f"the loss is exploding: {loss / size:.4g} per data point at step "
-                        f"{step + 1} against {start_loss:.4g} at the start; lower the learning "
-                        f"rate (now {config.lr})", RuntimeWarning, stacklevel=3,
-                    )
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
                 if config.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
                 optim.step()
@@ -507,12 +500,8 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                     bar.set_postfix(elbo=f"{-loss / size:.2f}")
             if losses and not all(bool(torch.isfinite(p).all()) for p in params):
                 bar.close()
-                where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
-                         if ckpt_path is not None and epoch > 0 else "")
-                raise TrainingDiverged(
-                    f"a parameter became NaN or infinite at step {step} (epoch {epoch + 1})"
-                    f"{where}; lower the learning rate (now {config.lr}) and resume, or clip "
-                    "the gradients (clip_grad)", frame())
+                raise diverged("a parameter became NaN or infinite", step, epoch, ckpt_path,
+                               config.lr, OVERFLOW_FIX, frame())
             seconds += time.perf_counter() - t0
             epoch += 1
             train_elbo = math.nan

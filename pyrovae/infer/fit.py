@@ -180,6 +180,30 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def diverged(what: str, step: int, epoch: int, ckpt_path: Optional[Path], lr: float,
+             fix: str, history: pd.DataFrame) -> TrainingDiverged:
+    """The one-line error of a run that diverged at ``step`` during epoch
+    ``epoch + 1``, naming the checkpoint that is kept."""
+    where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
+             if ckpt_path is not None and epoch > 0 else "")
+    return TrainingDiverged(
+        f"{what} at step {step} (epoch {epoch + 1}){where}; lower the learning rate "
+        f"(now {lr}) and resume, {fix}", history)
+
+
+#: The advice of a diverged step, and of an update that overflowed the parameters.
+NONFINITE_FIX = "check the data for NaN/inf, or skip such batches with skip_nonfinite"
+OVERFLOW_FIX = "or clip the gradients (clip_grad)"
+
+
+def exploding(loss: float, start_loss: float, step: int, lr: float) -> Optional[str]:
+    """A warning when the per-point ``loss`` is far beyond the one at the start."""
+    if abs(loss) > EXPLOSION_FACTOR * (abs(start_loss) + 1.0):
+        return (f"the loss is exploding: {loss:.4g} per data point at step {step} against "
+                f"{start_loss:.4g} at the start; lower the learning rate (now {lr})")
+    return None
+
+
 def _finite_gradients(params: List[torch.Tensor]) -> bool:
     """Whether every gradient is finite (one reduction, one host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -493,24 +517,15 @@ def fit(
                         bar.update(1)
                         continue
                     bar.close()
-                    where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
-                             if ckpt_path is not None and epoch > 0 else "")
-                    raise TrainingDiverged(
-                        f"{bad} at step {step + 1} (epoch {epoch + 1}){where}; lower the "
-                        f"learning rate (now {config.lr}) and resume, check the data for "
-                        "NaN/inf, or skip such batches with skip_nonfinite",
-                        pd.DataFrame(history, columns=HISTORY_COLUMNS),
-                    )
+                    raise diverged(bad, step + 1, epoch, ckpt_path, config.lr, NONFINITE_FIX,
+                                   pd.DataFrame(history, columns=HISTORY_COLUMNS))
                 size = num_data or xb.shape[0]
                 if start_loss is None:
                     start_loss = loss / size
-                elif not warned and abs(loss / size) > EXPLOSION_FACTOR * (abs(start_loss) + 1.0):
+                elif not warned and (message := exploding(loss / size, start_loss, step + 1,
+                                                          config.lr)):
                     warned = True
-                    warnings.warn(
-                        f"the loss is exploding: {loss / size:.4g} per data point at step "
-                        f"{step + 1} against {start_loss:.4g} at the start; lower the learning "
-                        f"rate (now {config.lr})", RuntimeWarning, stacklevel=2,
-                    )
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
                 if config.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
                 optim.step()
@@ -528,14 +543,9 @@ def fit(
                 # The epoch's last update overflowed: stop before an evaluation or a
                 # checkpoint sees the parameters.
                 bar.close()
-                where = (f"; the checkpoint of epoch {epoch} in {ckpt_path.parent} is kept"
-                         if ckpt_path is not None and epoch > 0 else "")
-                raise TrainingDiverged(
-                    f"a parameter became NaN or infinite at step {step} (epoch {epoch + 1})"
-                    f"{where}; lower the learning rate (now {config.lr}) and resume, or clip "
-                    "the gradients (clip_grad)",
-                    pd.DataFrame(history, columns=HISTORY_COLUMNS),
-                )
+                raise diverged("a parameter became NaN or infinite", step, epoch, ckpt_path,
+                               config.lr, OVERFLOW_FIX,
+                               pd.DataFrame(history, columns=HISTORY_COLUMNS))
             seconds += time.perf_counter() - t0
             epoch += 1
             row = {
