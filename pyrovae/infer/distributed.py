@@ -70,7 +70,7 @@ from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitSta
 from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX, OPTIMIZERS,
                                OVERFLOW_FIX, PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult,
                                TrainingDiverged, check_world_size, diverged, exploding,
-                               load_checkpoint, load_weights, save_checkpoint)
+                               load_checkpoint, load_weights, save_checkpoint, step_problem)
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
                                    without_trace_shapes)
@@ -445,27 +445,11 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                             f"the model became invalid at step {step + 1} (epoch {epoch + 1}): "
                             f"{message}; lower the learning rate (now {config.lr}) or clip the "
                             "gradients (clip_grad)", frame())
-                if (step == start_step and math.isfinite(loss)
-                        and not any(p.grad is not None for p in params)):
-                    raise ValueError(
-                        "the objective produced no gradients for the parameters: register "
-                        "networks with pyro.module(name, net) (LatentModel.register) inside "
-                        "model/guide, or use pyro.param"
-                    )
-                bad = None if math.isfinite(loss) else f"the loss became {loss}"
-                if bad is not None and not all(bool(torch.isfinite(p).all()) for p in params):
-                    bad = "a parameter became NaN or infinite"
-                elif bad is not None and step == 0 and not config.skip_nonfinite:
-                    optim.zero_grad(set_to_none=True)
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"the loss was {loss} at step 1, before any update, so the learning "
-                        f"rate is not the cause: the data (largest |x| = "
-                        f"{train.x.abs().max().item():.3g}) is likely too large for this model "
-                        f"in {train.x.dtype}; standardize it, or check the initial parameters",
-                        frame())
-                if bad is None and not grads_finite:
-                    bad = "a gradient became NaN or infinite"
+                bad = step_problem(
+                    loss, step, start_step, params, config, train.x,
+                    grads_finite=lambda: grads_finite,
+                    on_error=lambda: (optim.zero_grad(set_to_none=True), bar.close()),
+                    history=frame)
                 if bad is not None:
                     optim.zero_grad(set_to_none=True)
                     if config.skip_nonfinite:

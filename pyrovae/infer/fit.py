@@ -204,6 +204,36 @@ def exploding(loss: float, start_loss: float, step: int, lr: float) -> Optional[
     return None
 
 
+def step_problem(loss: float, step: int, start_step: int, params: List[torch.Tensor],
+                 config: "FitConfig", x: torch.Tensor, grads_finite: Callable[[], bool],
+                 on_error: Callable[[], Any], history: Callable[[], pd.DataFrame]) -> Optional[str]:
+    """What went wrong in a training step, in words (None when nothing did).
+
+    Raises, after ``on_error()`` cleans up, for what skipping a batch cannot
+    mend: programs whose parameters get no gradient, and a loss that is not
+    finite before any update, where the data rather than the learning rate
+    is the cause.
+    """
+    if step == start_step and math.isfinite(loss) and not any(p.grad is not None for p in params):
+        raise ValueError(
+            "the objective produced no gradients for the parameters: register "
+            "networks with pyro.module(name, net) (LatentModel.register) inside "
+            "model/guide, or use pyro.param"
+        )
+    if math.isfinite(loss):
+        return None if grads_finite() else "a gradient became NaN or infinite"
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return "a parameter became NaN or infinite"
+    if step == 0 and not config.skip_nonfinite:
+        on_error()
+        raise TrainingDiverged(
+            f"the loss was {loss} at step 1, before any update, so the learning "
+            f"rate is not the cause: the data (largest |x| = "
+            f"{x.abs().max().item():.3g}) is likely too large for this model "
+            f"in {x.dtype}; standardize it, or check the initial parameters", history())
+    return f"the loss became {loss}"
+
+
 def _finite_gradients(params: List[torch.Tensor]) -> bool:
     """Whether every gradient is finite (one reduction, one host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -487,28 +517,11 @@ def fit(
                             pd.DataFrame(history, columns=HISTORY_COLUMNS),
                         ) from None
                     loss = float("nan")
-                if (step == start_step and math.isfinite(loss)
-                        and not any(p.grad is not None for p in params)):
-                    raise ValueError(
-                        "the objective produced no gradients for the parameters: register "
-                        "networks with pyro.module(name, net) (LatentModel.register) inside "
-                        "model/guide, or use pyro.param"
-                    )
-                bad = None if math.isfinite(loss) else f"the loss became {loss}"
-                if bad is not None and not all(bool(torch.isfinite(p).all()) for p in params):
-                    bad = "a parameter became NaN or infinite"
-                elif bad is not None and step == 0 and not config.skip_nonfinite:
-                    optim.zero_grad(set_to_none=True)
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"the loss was {loss} at step 1, before any update, so the learning "
-                        f"rate is not the cause: the data (largest |x| = "
-                        f"{train.x.abs().max().item():.3g}) is likely too large for this model "
-                        f"in {train.x.dtype}; standardize it, or check the initial parameters",
-                        pd.DataFrame(history, columns=HISTORY_COLUMNS),
-                    )
-                if bad is None and not _finite_gradients(params):
-                    bad = "a gradient became NaN or infinite"
+                bad = step_problem(
+                    loss, step, start_step, params, config, train.x,
+                    grads_finite=lambda: _finite_gradients(params),
+                    on_error=lambda: (optim.zero_grad(set_to_none=True), bar.close()),
+                    history=lambda: pd.DataFrame(history, columns=HISTORY_COLUMNS))
                 if bad is not None:
                     optim.zero_grad(set_to_none=True)
                     if config.skip_nonfinite:
