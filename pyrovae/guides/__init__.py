@@ -6,8 +6,8 @@ forward pass returns the parameters of q(z | x).
 
 from pyrovae.guides.registry import GUIDES
 # Each file registers its encoders in GUIDES when imported.
-from pyrovae.guides.encoder import DiagNormalEncoder, encoder_distribution
+from pyrovae.guides.encoder import AmortizedEncoder, DiagNormalEncoder, encoder_distribution
 from pyrovae.guides.linear import LinearGaussianEncoder
 from pyrovae.guides.meanfield import FullRank, MeanField
 
-__all__ = ["GUIDES", "DiagNormalEncoder", "encoder_distribution", "LinearGaussianEncoder", "MeanField", "FullRank"]
+__all__ = ["GUIDES", "AmortizedEncoder", "DiagNormalEncoder", "encoder_distribution", "LinearGaussianEncoder", "MeanField", "FullRank"]

@@ -1,4 +1,12 @@
-"""Amortized Gaussian encoders: networks x -> parameters of q(z | x)."""
+"""Amortized Gaussian encoders: networks x -> parameters of q(z | x).
+
+Every amortized encoder splits its forward pass in two (:class:`AmortizedEncoder`):
+``raw(x)``, the network, returns one unconstrained tensor per data point, and
+``params(raw)`` maps it to the parameters of q (positive scales, flow
+contexts). The split names the family of q the guide can express: the
+distributions reached by some ``raw``. Diagnostics that optimize q per data
+point (the inference gap) optimize ``raw`` directly, whatever the network.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,26 @@ from pyrovae.guides.registry import GUIDES
 from pyrovae.nn import MLP
 
 
+class AmortizedEncoder(nn.Module):
+    """Base of amortized encoders: ``forward(x) = params(raw(x))``.
+
+    Subclasses implement :meth:`raw` (the network: ``x`` of shape (N, ...) to
+    an unconstrained tensor of shape (N, R)) and :meth:`params` (that tensor
+    to the tuple of parameters the guide reads, each with leading dimension N).
+    """
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self, raw: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return self.params(self.raw(x))
+
+
 @GUIDES.register("mlp")
-class DiagNormalEncoder(nn.Module):
+class DiagNormalEncoder(AmortizedEncoder):
     """q(z | x) = N(z; mu(x), diag sigma(x)^2) with mu, sigma from one MLP.
 
     The scale goes through a softplus with a small floor, which keeps early
@@ -33,8 +59,11 @@ class DiagNormalEncoder(nn.Module):
         self.net = MLP(x_dim, hidden, 2 * z_dim, activation)
         self.min_scale = min_scale
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.net(x).chunk(2, dim=-1)
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def params(self, raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loc, raw_scale = raw.chunk(2, dim=-1)
         return loc, softplus(raw_scale) + self.min_scale
 
 
