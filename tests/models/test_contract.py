@@ -26,6 +26,8 @@ METHODS = [name for name, spec in CAPABILITIES.items() if not spec.attribute]
 # against its class by the generic test below.
 EXPECTED = {
     "vae": {"sample", "sample_mean", "encode", "reconstruct", "check_data"},
+    "conv-vae": {"sample", "sample_mean", "encode", "reconstruct", "check_data"},
+    "ladder-vae": {"sample", "sample_mean", "encode", "reconstruct", "check_data"},
     "fa": {"log_marginal", "posterior", "sample", "encode", "reconstruct", "check_data", "fit_em"},
     "ppca": {"log_marginal", "posterior", "sample", "encode", "reconstruct", "check_data", "fit_em"},
     "bayes-fa": {"sample", "check_data"},
