@@ -60,6 +60,10 @@ class Callbacks:
                 raise TypeError(f"{type(cb).__name__} is not a callback: it has none of the "
                                 f"methods {', '.join(HOOKS)}")
 
+    def wants(self, hook: str) -> bool:
+        """Whether some callback has ``hook``."""
+        return any(callable(getattr(cb, hook, None)) for cb in self.callbacks)
+
     def __call__(self, hook: str, state: FitState) -> None:
         for cb in self.callbacks:
             method = getattr(cb, hook, None)
