@@ -287,6 +287,33 @@ def _loss_and_grads(objective: Any, loss_fn: Callable, model_fn: Callable, guide
     return torch.as_tensor(objective.loss_and_grads(model_fn, guide_fn, x))
 
 
+def device_rng_state(device: torch.device) -> Dict[str, Any]:
+    """The CUDA generator's state of the device training runs on, for a
+    checkpoint (empty on a CPU): Pyro's draws on a GPU come from it, so a
+    resumed GPU run needs it to continue exactly."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"cuda_rng": torch.cuda.get_rng_state(index), "cuda_device": index}
+
+
+def restore_device_rng(state: Dict[str, Any], device: torch.device, path: Any) -> None:
+    """Put back the CUDA generator saved by :func:`device_rng_state`.
+
+    A checkpoint written on a GPU and resumed on a CPU (or the reverse)
+    continues with other draws; that is said in a warning rather than
+    silently."""
+    saved = "cuda_rng" in state
+    if device.type == "cuda" and saved:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(state["cuda_rng"], index)
+    elif device.type == "cuda" or saved:
+        warnings.warn(
+            f"{path} was written by a run on {'a GPU' if saved else 'the CPU'} and resumes on "
+            f"{device}: training continues, with other random draws than the uninterrupted "
+            "run would have made", RuntimeWarning, stacklevel=3)
+
+
 class _Ledger:
     """The losses of the epoch's finished steps, as read back to the host, and
     the one warning of a loss far beyond the first one."""
@@ -517,6 +544,7 @@ def fit(
                        for row in state["history"]["rows"]]
             torch.set_rng_state(state["torch_rng"])
             gen.set_state(state["generator_rng"])
+            restore_device_rng(state, train.x.device, ckpt_path)
 
         total = config.epochs * steps_per_epoch
         if config.max_steps is not None:
@@ -706,6 +734,7 @@ def fit(
                     "history": {"columns": HISTORY_COLUMNS,
                                 "rows": [[r[c] for c in HISTORY_COLUMNS] for r in history]},
                     "torch_rng": torch.get_rng_state(),
+                    **device_rng_state(train.x.device),
                     "generator_rng": gen.get_state(),
                     "config": config.to_dict(),
                     "start_loss": ledger.start_loss,
