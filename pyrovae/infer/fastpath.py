@@ -10,7 +10,8 @@ whose sites are the same at every step (a VAE, a factor-analysis or mixture
 model with a reparameterized guide) the first step has already learned all of
 that. :class:`FastELBO` keeps the first step's findings and, at later steps,
 runs the guide and the model (without Pyro's argument checks, which the
-first step made) under one light handler that records only the
+first step made, and without registering the model's modules with Pyro's
+parameter store again) under one light handler that records only the
 sample sites and replays the guide's values into the model, and sums the
 same terms in the same order as Pyro:
 
@@ -51,6 +52,8 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
+
+from pyrovae.models.base import registration_skipped
 
 #: Objectives the fast path reproduces, by exact class (subclasses override hooks).
 FAST_OBJECTIVES = (Trace_ELBO, TraceMeanField_ELBO)
@@ -136,7 +139,7 @@ class FastELBO:
     def _fast_loss(self, x: torch.Tensor) -> torch.Tensor:
         # Pyro's argument and support checks ran at the first step, on the
         # same sites; later steps are checked for a finite loss and gradients.
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), registration_skipped():
             with _SampleRecorder() as guide_run:
                 self.guide(x)
             with _SampleRecorder(replay=guide_run.sites) as model_run:

@@ -39,10 +39,12 @@ process.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import pyro
 import torch
@@ -203,6 +205,26 @@ def default_elbo(model: Any) -> str:
     return value
 
 
+_SKIP_REGISTRATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pyrovae_skip_registration", default=False)
+
+
+@contextlib.contextmanager
+def registration_skipped() -> Iterator[None]:
+    """Run model and guide programs without :meth:`LatentModel.register`.
+
+    Registration puts a module's parameters in Pyro's parameter store, with
+    ``pyro.module``'s default ``update_module_params=False``: it never changes
+    a value the programs compute. A caller that already holds the parameters
+    (fit's fast path, after the first step registered them) skips its cost.
+    """
+    token = _SKIP_REGISTRATION.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_REGISTRATION.reset(token)
+
+
 class LatentModel(nn.Module):
     """Base class: a unique Pyro name per instance, a config record, the
     defaults of the attribute capabilities and the data rule
@@ -218,8 +240,11 @@ class LatentModel(nn.Module):
         self.pyro_name = f"{type(self).__name__.lower()}{next(_instance_ids)}"
 
     def register(self, part: str, module: nn.Module) -> None:
-        """Expose ``module``'s parameters to Pyro as ``<instance>.<part>``."""
-        pyro.module(f"{self.pyro_name}.{part}", module)
+        """Expose ``module``'s parameters to Pyro as ``<instance>.<part>``
+        (Pyro's own ``SVI`` finds what to optimize by these ``param`` sites;
+        inside :func:`registration_skipped` nothing is done)."""
+        if not _SKIP_REGISTRATION.get():
+            pyro.module(f"{self.pyro_name}.{part}", module)
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments, so a checkpoint can rebuild the model."""
