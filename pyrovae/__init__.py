@@ -19,7 +19,7 @@ from pyrovae.infer import (
     gradient_stats,
     make_objective,
 )
-from pyrovae.models import MODELS, VAE, LatentModel
+from pyrovae.models import MODELS, VAE, ConvVAE, LadderVAE, LatentModel
 from pyrovae.models.mixture import BayesianGaussianMixture, GaussianMixture
 from pyrovae.models.linear import PPCA, BayesianFactorAnalysis, FactorAnalysis
 from pyrovae.guides.meanfield import FullRank, MeanField
@@ -61,6 +61,8 @@ __all__ = [
     "MeanField",
     "PPCA",
     "VAE",
+    "ConvVAE",
+    "LadderVAE",
     "compare_results",
     "evaluate",
     "fit",
