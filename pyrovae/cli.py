@@ -64,6 +64,37 @@ def _positive_float(text: str) -> float:
 POSITIVE, COUNT = _integer(1), _integer(0)
 
 
+def _metric_names(values: List[str]) -> List[str]:
+    """``--metrics`` values, space- or comma-separated, in order, once each."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    return list(dict.fromkeys(names))
+
+
+def _add_metric_options(p: argparse.ArgumentParser, default: str) -> None:
+    from pyrovae.pipeline import METRIC_HELP, EvalSettings
+
+    defaults = EvalSettings()
+    costs = "; ".join(f"{name}: {text}" for name, text in METRIC_HELP.items())
+    p.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help=f"what to measure, space- or comma-separated (default: {default}). "
+                        f"{costs}")
+    p.add_argument("--gap-points", type=POSITIVE, default=None, metavar="N",
+                   help=f"held-out points whose inference gap is measured (metric gap; "
+                        f"default: {defaults.gap_points})")
+    p.add_argument("--gap-steps", type=COUNT, default=None, metavar="N",
+                   help=f"optimization steps of q per point for the inference gap "
+                        f"(default: {defaults.gap_steps})")
+
+
+def _eval_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    settings: Dict[str, Any] = {}
+    if args.gap_points is not None:
+        settings["gap_points"] = args.gap_points
+    if args.gap_steps is not None:
+        settings["gap_steps"] = args.gap_steps
+    return settings
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with every usage error on one line: ``PROG: error: ...``."""
 
@@ -88,6 +119,8 @@ def _add_train(sub) -> None:
                    help="image data: dynamic|static|none (default: %(default)s)")
     p.add_argument("--train-size", type=POSITIVE, default=None,
                    help="use the first N training points")
+    p.add_argument("--test-size", type=POSITIVE, default=None,
+                   help="use the first N held-out points")
     p.add_argument("--data-opt", dest="data_options", action="append", default=[],
                    metavar="KEY=VALUE", help="extra data-set option (JSON value), repeatable")
     p.add_argument("--z-dim", type=POSITIVE, default=None, help="latent dimension")
@@ -151,6 +184,8 @@ def _add_train(sub) -> None:
                         "(default: %(default)s)")
     p.add_argument("--eval-points", type=POSITIVE, default=None,
                    help="evaluate on the first N test points (default: all)")
+    _add_metric_options(p, "elbo iwae exact latents, latents only where the model has "
+                           "continuous local latents")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--devices", type=POSITIVE, default=None, metavar="N",
                    help="data-parallel training on N processes per machine, one per device; "
@@ -175,7 +210,7 @@ def _add_train(sub) -> None:
 def build_spec(args: argparse.Namespace):
     """The :class:`~pyrovae.pipeline.RunSpec` of a ``pyrovae train`` command."""
     from pyrovae.data import DATASETS
-    from pyrovae.pipeline import EvalSettings, RunSpec
+    from pyrovae.pipeline import DEFAULT_METRICS, EvalSettings, RunSpec
     from pyrovae.registry import signature_options
 
     options = _parse_set(args.options)
@@ -210,13 +245,16 @@ def build_spec(args: argparse.Namespace):
             fit[key] = getattr(args, key)
     if args.elbo is not None:
         fit["elbo"] = args.elbo
+    metrics = tuple(_metric_names(args.metrics)) if args.metrics else DEFAULT_METRICS
     return RunSpec(
         model=args.model, model_options=options, dataset=args.dataset,
-        dataset_options=data_options, train_size=args.train_size, method=args.method,
+        dataset_options=data_options, train_size=args.train_size, test_size=args.test_size,
+        method=args.method,
         method_options={"max_iter": args.em_max_iter} if args.method == "em" else {},
         fit=fit if args.method == "svi" else {}, seed=args.seed,
-        eval=EvalSettings(num_samples=args.eval_samples, max_points=args.eval_points),
-        device=args.device, out=args.out,
+        eval=EvalSettings(num_samples=args.eval_samples, max_points=args.eval_points,
+                          **_eval_overrides(args)),
+        metrics=metrics, device=args.device, out=args.out,
     )
 
 
@@ -263,7 +301,14 @@ def _report(result) -> None:
         print(result.evaluation.to_frame().T.to_string(header=False))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"wrote {result.out}/metrics.csv and {len(result.figures)} figures:")
+    if result.latents is not None:
+        print(f"active units: {result.latents.active_units} of {len(result.latents.dims)}")
+    if result.gap is not None:
+        gap = result.gap.summary()
+        print(f"approximation gap: {gap['approximation_gap']:.3f} nats, amortization gap: "
+              f"{gap['amortization_gap']:.3f} nats ({gap['gap_points']} points)")
+    names = ", ".join(path.name for path in result.files if path.suffix == ".csv")
+    print(f"wrote {names} in {result.out} and {len(result.figures)} figures:")
     for path in result.figures:
         print(f"  {path}")
 
@@ -278,6 +323,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--eval-points", type=POSITIVE, default=None,
                    help="evaluate on the first N test points (default: the run's)")
     p.add_argument("--seed", type=COUNT, default=0, help="seeds the evaluation draws")
+    _add_metric_options(p, "the run's own")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -291,7 +337,10 @@ def _eval(args: argparse.Namespace) -> int:
         settings["num_samples"] = args.num_samples
     if args.eval_points is not None:
         settings["max_points"] = args.eval_points
+    settings.update(_eval_overrides(args))
     spec = replace(spec, out=args.run, eval=replace(spec.eval, **settings))
+    if args.metrics:
+        spec = replace(spec, metrics=tuple(_metric_names(args.metrics)))
     _report(run(spec, evaluate_only=True))
     return 0
 

@@ -16,10 +16,14 @@ The steps, in order, each in one place:
    folder is evaluated again;
 5. **evaluation**: one :func:`pyrovae.infer.evaluate` call on the held-out
    split, plus the metrics the spec asks for (training ELBO, the trained
-   objective's held-out value, gradient statistics);
+   objective's held-out value, gradient statistics, the latent diagnostics
+   of :mod:`pyrovae.infer.latents`: KL per dimension and active units, the
+   inference gap);
 6. **files**, when ``spec.out`` is set: ``config.json`` (the spec, the built
    model's options, library versions), ``checkpoint.pt``, ``history.csv``,
-   ``metrics.csv`` and the figures.
+   ``metrics.csv``, ``latents.csv`` (one row per latent dimension) and
+   ``gap.csv`` (one row per data point) when those were measured, and the
+   figures.
 
 ``pyrovae train``, ``pyrovae eval`` and every cell of a benchmark suite build
 a spec and call :func:`run`; none of them repeats a step. :func:`load_run`
@@ -51,6 +55,8 @@ from pyrovae.infer.distributed import worker_process
 from pyrovae.infer.evaluate import Evaluation, evaluate
 from pyrovae.infer.fit import (CHECKPOINT_FORMAT, FitConfig, TrainingDiverged, fit,
                                load_checkpoint, load_weights, save_checkpoint)
+from pyrovae.infer.latents import (InferenceGap, LatentStats, check_inference_gap,
+                                   continuous_local_latents, inference_gap, latent_stats)
 from pyrovae.infer.objectives import ELBOS, make_objective
 from pyrovae.models import MODELS
 from pyrovae.models.base import LatentModel, capability, num_data
@@ -59,8 +65,24 @@ from pyrovae.seeding import seeded
 from pyrovae.version import __version__
 
 METHODS = ("svi", "em", "sklearn")
-METRICS = ("elbo", "iwae", "exact", "objective", "gradients")
-DEFAULT_METRICS = ("elbo", "iwae", "exact")
+METRICS = ("elbo", "iwae", "exact", "objective", "gradients", "latents", "gap")
+# "latents" is measured by default only where it applies (see RunSpec.metrics).
+DEFAULT_METRICS = ("elbo", "iwae", "exact", "latents")
+#: What each metric measures and what it costs (the command line's help).
+METRIC_HELP = {
+    "elbo": "held-out and training ELBO: one pass over each split",
+    "iwae": "importance-sampled held-out log-likelihood: num_samples (K) passes",
+    "exact": "exact log-likelihood, where the model has one: closed form, cheap",
+    "objective": "the trained objective on held-out data: objective_repeats passes",
+    "gradients": "gradient variance and SNR of the objective, at the start and the end of "
+                 "training: grad_draws backward passes each",
+    "latents": "KL to the prior per latent dimension and active units (latents.csv): "
+               "latent_samples draws per point, about the cost of the ELBO; measured by "
+               "default where the model has continuous local latents",
+    "gap": "approximation and amortization gaps (gap.csv): q optimized for each of "
+           "gap_points points for gap_steps steps, then gap_samples draws per point; the "
+           "costliest, never by default",
+}
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 NAN = float("nan")
@@ -85,6 +107,11 @@ class EvalSettings:
     grad_draws: int = 20  # gradient estimates per gradient statistic
     grad_batch: int = 100  # size of the fixed held-out batch the gradients are taken on
     seed: int = 0  # seeds evaluation draws and the held-out binarization
+    latent_samples: int = 16  # draws per point for the latent statistics ("latents")
+    gap_points: int = 100  # held-out points whose inference gap is measured ("gap")
+    gap_steps: int = 300  # Adam steps optimizing q for each of those points
+    gap_lr: float = 0.01  # learning rate of those steps
+    gap_samples: int = 1000  # K of the importance-sampled log p(x) of the gap (0: exact only)
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,10 +122,15 @@ MAX_SEED = 2**64 - 1
 
 
 def _check_eval(ev: EvalSettings) -> None:
-    minimum = {"num_samples": 0, "seed": 0, "grad_draws": 2}
+    minimum = {"num_samples": 0, "seed": 0, "grad_draws": 2, "gap_steps": 0, "gap_samples": 0}
     for f in fields(EvalSettings):
         value = getattr(ev, f.name)
         if f.name == "max_points" and value is None:
+            continue
+        if f.name == "gap_lr":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not (math.isfinite(value) and value > 0):
+                raise ValueError(f"eval gap_lr must be a finite number > 0, got {value!r}")
             continue
         low = minimum.get(f.name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -142,7 +174,10 @@ class RunSpec:
     method_options: Dict[str, Any] = field(default_factory=dict)  # fit_em or estimator kwargs
     seed: int = 0  # decides initial weights, batching, every draw of training and EM restarts
     eval: EvalSettings = field(default_factory=EvalSettings)  # how the trained model is scored
-    metrics: Tuple[str, ...] = DEFAULT_METRICS  # what is scored, a subset of METRICS
+    # What is scored, a subset of METRICS. With the defaults, "latents" is
+    # skipped (with a note) for a model without continuous local latents; any
+    # other choice that names a metric the model cannot give is refused.
+    metrics: Tuple[str, ...] = DEFAULT_METRICS
     device: str = "cpu"  # where data and parameters live
     out: Optional[str] = None  # run folder (None: write nothing)
 
@@ -268,6 +303,9 @@ class RunResult:
     notes: List[str]  # what could not be measured, and why
     figures: List[Path]
     out: Optional[Path]
+    latents: Optional[LatentStats] = None  # KL per latent dimension and activity ("latents")
+    gap: Optional[InferenceGap] = None  # the inference gap per held-out point ("gap")
+    files: List[Path] = field(default_factory=list)  # the run folder's files, figures aside
 
 
 # -- steps ----------------------------------------------------------------------------
@@ -484,8 +522,12 @@ def _svi_objective(spec: RunSpec) -> Any:
 
 
 def _score(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
-           objective: Any, metrics: Dict[str, Any], notes: List[str]) -> Evaluation:
-    """Held-out (and, when asked for, training) metrics of a trained model."""
+           objective: Any, metrics: Dict[str, Any], notes: List[str],
+           diagnostics: Tuple[str, ...] = ()
+           ) -> Tuple[Evaluation, Optional[LatentStats], Optional[InferenceGap]]:
+    """Held-out (and, when asked for, training) metrics of a trained model,
+    and the latent diagnostics named in ``diagnostics`` (see
+    :func:`_diagnostics`) on the held-out points evaluated."""
     ev = spec.eval
     wanted = set(spec.metrics)
     k = ev.num_samples if "iwae" in wanted else 0
@@ -524,7 +566,16 @@ def _score(spec: RunSpec, model: Any, train: ArrayDataset, test: ArrayDataset,
     if "gradients" in wanted and objective is not None:
         metrics.update(_gradient_columns(spec, model, objective,
                                          test.fixed(ev.seed)[: ev.grad_batch], "grad"))
-    return res
+    latents = gap = None
+    x_eval = test.fixed(ev.seed)[: ev.max_points]
+    if "latents" in diagnostics:
+        latents = latent_stats(model, x_eval, num_samples=ev.latent_samples, seed=ev.seed)
+        metrics.update(latents.summary())
+    if "gap" in diagnostics:
+        gap = inference_gap(model, x_eval, num_points=ev.gap_points, steps=ev.gap_steps,
+                            lr=ev.gap_lr, num_samples=ev.gap_samples, seed=ev.seed)
+        metrics.update(gap.summary())
+    return res, latents, gap
 
 
 # -- files ----------------------------------------------------------------------------
@@ -536,7 +587,8 @@ def versions() -> Dict[str, str]:
 
 
 def _write_figures(spec: RunSpec, model: Any, history: pd.DataFrame, train: ArrayDataset,
-                   test: ArrayDataset, out: Path) -> List[Path]:
+                   test: ArrayDataset, out: Path,
+                   latents: Optional[LatentStats] = None) -> List[Path]:
     from pyrovae.viz import FIGURES
     from pyrovae.viz.figures import loss_curves
 
@@ -544,11 +596,18 @@ def _write_figures(spec: RunSpec, model: Any, history: pd.DataFrame, train: Arra
     if spec.method == "svi" and len(history) and history["train_elbo"].notna().any():
         paths.append(loss_curves(history, out / "loss_curves.png"))
     if spec.model in FIGURES:
-        paths += FIGURES[spec.model](model, train, test, out)
+        figure_set = FIGURES[spec.model]
+        accepted, _ = signature_options(figure_set, ())
+        # A figure set that draws latent statistics takes the run's own.
+        extra = ({"latents": latents} if latents is not None
+                 and (accepted is None or "latents" in accepted) else {})
+        paths += figure_set(model, train, test, out, **extra)
     return paths
 
 
-RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, "history.csv", "metrics.csv")
+LATENTS_FILE = "latents.csv"
+GAP_FILE = "gap.csv"
+RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, "history.csv", "metrics.csv", LATENTS_FILE, GAP_FILE)
 # What a resumed run cannot change: its data, its model, its method and seed.
 FIXED_ON_RESUME = ("model", "model_options", "dataset", "dataset_options", "train_split",
                    "test_split", "train_size", "test_size", "method", "seed", "device")
@@ -700,6 +759,7 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
     if spec.method != "sklearn":
         model = build_model(spec.model, train.dim, options, seed=spec.seed, device=spec.device)
     _check_splits(model, train, test, spec.eval.seed)
+    diagnostics = _diagnostics(spec, train.dim, options, test, notes)
     with contextlib.ExitStack() as stack:
         if out is not None:
             stack.enter_context(FolderLock(out, what="run"))
@@ -707,7 +767,54 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False,
             if overwrite:
                 _clear_run(out)
         return _execute(spec, out, model, options, train, test, metrics, notes, resume,
-                        evaluate_only, progress, t0, callbacks)
+                        evaluate_only, progress, t0, callbacks, diagnostics)
+
+
+def _diagnostics(spec: RunSpec, x_dim: int, options: Dict[str, Any], test: ArrayDataset,
+                 notes: List[str]) -> Tuple[str, ...]:
+    """The latent diagnostics ("latents", "gap") the run measures: those its
+    metrics name that apply to the model. With the default metrics, one that
+    does not apply is left out with a note; named explicitly, it is refused
+    here, before anything is written or trained.
+
+    Whether they apply shows when the programs run, so they run here on a
+    separate, identically built instance: a model that initializes itself
+    from the first data it sees (a mixture's k-means start) must first see
+    the training data, and the run's random streams are left as they were.
+    """
+    wanted = [m for m in ("latents", "gap") if m in spec.metrics]
+    explicit = tuple(spec.metrics) != DEFAULT_METRICS
+    x = test.fixed(spec.eval.seed)
+    n = len(x) if spec.eval.max_points is None else min(len(x), spec.eval.max_points)
+    probe = None
+    measured = []
+    for metric in wanted:
+        reason = None
+        if spec.method == "sklearn":
+            reason = f"method {spec.method!r} keeps no Pyro model"
+        elif metric == "latents" and n < 2:
+            reason = f"the activity is a variance over held-out points, and {n} is evaluated"
+        else:
+            if probe is None:
+                probe = build_model(spec.model, x_dim, options, seed=spec.seed,
+                                    device=spec.device)
+            with seeded(spec.eval.seed, x.device):
+                if metric == "latents" and not continuous_local_latents(probe, x):
+                    reason = ("the model has no continuous local latent variables (guide "
+                              "sample sites inside pyro.plate('data'))")
+                elif metric == "gap":
+                    try:
+                        check_inference_gap(probe, x)
+                    except ValueError as err:
+                        reason = str(err)
+        if reason is None:
+            measured.append(metric)
+        elif explicit or metric == "gap":
+            raise ValueError(f"metric {metric!r} does not apply to model {spec.model!r}: "
+                             f"{reason}; leave it out of the metrics")
+        else:
+            notes.append(f"{metric} not measured: {reason}")
+    return tuple(measured)
 
 
 def _run_worker(spec: RunSpec, resume: bool, progress: Optional[bool]) -> RunResult:
@@ -728,10 +835,13 @@ def _run_worker(spec: RunSpec, resume: bool, progress: Optional[bool]) -> RunRes
 def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, Any],
              train: ArrayDataset, test: ArrayDataset, metrics: Dict[str, Any],
              notes: List[str], resume: bool, evaluate_only: bool,
-             progress: Optional[bool], t0: float, callbacks: Optional[List[Any]]) -> RunResult:
+             progress: Optional[bool], t0: float, callbacks: Optional[List[Any]],
+             diagnostics: Tuple[str, ...] = ()) -> RunResult:
     history = pd.DataFrame()
     objective = None
     evaluation = None
+    latents: Optional[LatentStats] = None
+    gap: Optional[InferenceGap] = None
     config = {**spec.to_dict(), "x_dim": train.dim, "built_options": options, **versions()}
     if out is not None and not evaluate_only:
         write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, default=str))
@@ -782,26 +892,42 @@ def _execute(spec: RunSpec, out: Optional[Path], model: Any, options: Dict[str, 
             if stopped:
                 notes.append(stopped)
             metrics.update(fitted)
-        evaluation = _score(spec, model, train, test, objective, metrics, notes)
+        evaluation, latents, gap = _score(spec, model, train, test, objective, metrics, notes,
+                                          diagnostics)
     if "elbo" in spec.metrics and math.isnan(metrics.get("train_elbo", NAN)):
         metrics["train_elbo"] = metrics.get("last_train_elbo", NAN)
     metrics.pop("last_train_elbo", None)
     exact = metrics.get("test_exact", NAN)
-    for metric, gap in (("test_elbo", "elbo_gap"), ("test_iwae", "iwae_gap"),
-                        ("test_objective", "objective_gap")):
-        metrics[gap] = metrics.get(metric, NAN) - exact
+    for metric, column in (("test_elbo", "elbo_gap"), ("test_iwae", "iwae_gap"),
+                           ("test_objective", "objective_gap")):
+        metrics[column] = metrics.get(metric, NAN) - exact
     metrics["wall_seconds"] = time.perf_counter() - t0
     figures: List[Path] = []
+    files: List[Path] = []
     if out is not None:
         if not evaluate_only and len(history):
             write_atomic(out / "history.csv", history.to_csv(index=False))
-        frame = (evaluation.to_frame() if evaluation is not None
-                 else pd.DataFrame([{k: v for k, v in metrics.items()}]))
+        if evaluation is not None:
+            columns = {**(latents.summary() if latents is not None else {}),
+                       **(gap.summary() if gap is not None else {})}
+            frame = evaluation.to_frame().assign(**columns)
+        else:
+            frame = pd.DataFrame([{k: v for k, v in metrics.items()}])
         write_atomic(out / "metrics.csv", frame.to_csv(index=False))
+        # A table this evaluation did not measure would contradict metrics.csv.
+        for name, table in ((LATENTS_FILE, None if latents is None else latents.dims),
+                            (GAP_FILE, None if gap is None else gap.points)):
+            if table is not None:
+                write_atomic(out / name, table.to_csv(index=False))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
         if spec.method != "sklearn":
-            figures = _write_figures(spec, model, history, train, test, out)
+            figures = _write_figures(spec, model, history, train, test, out, latents)
+        files = [out / name for name in RUN_FILES if (out / name).exists()]
     return RunResult(spec=spec, model=model, history=history, evaluation=evaluation,
-                     metrics=metrics, notes=notes, figures=figures, out=out)
+                     metrics=metrics, notes=notes, figures=figures, out=out, latents=latents,
+                     gap=gap, files=files)
 
 
 # -- trained models back --------------------------------------------------------------

@@ -93,3 +93,29 @@ def test_train_on_a_csv_file(tmp_path):
     assert metrics["log_likelihood_method"].item() == "exact"
     assert (out / "components.png").exists()
     assert main(["train", "gmm", "--dataset", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+
+
+@pytest.mark.mnist
+def test_train_writes_latent_diagnostics_and_eval_measures_the_inference_gap(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--dataset", "mnist", "--set", "z_dim=4", "--hidden", "64",
+                 "--epochs", "1", "--train-size", "256", "--test-size", "128",
+                 "--eval-samples", "10", "--out", str(out), "--no-progress"]) == 0
+    for name in ("traversals.png", "interpolations.png", "kl_per_dimension.png", "latents.csv"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["n"].item() == 128 and metrics["latent_dims"].item() == 4
+    assert 0 <= metrics["active_units"].item() <= 4
+    assert f"active units: {metrics['active_units'].item()} of 4" in capsys.readouterr().out
+
+    assert main(["eval", str(out), "--metrics", "elbo,gap", "--gap-points", "5",
+                 "--gap-steps", "5"]) == 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["gap_points"].item() == 5 and len(pd.read_csv(out / "gap.csv")) == 5
+    assert {"approximation_gap", "amortization_gap"} <= set(metrics.columns)
+    # Not measured this time: no latent table left to contradict metrics.csv.
+    assert "active_units" not in metrics.columns and not (out / "latents.csv").exists()
+    assert "amortization gap" in capsys.readouterr().out
+
+    assert main(["eval", str(out), "--metrics", "gap", "nope"]) == 2
+    assert "unknown metrics ['nope']" in capsys.readouterr().err

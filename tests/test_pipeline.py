@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,7 @@ from pyrovae.cli import build_parser, build_spec, main
 from pyrovae.data import load_dataset
 from pyrovae.infer.fit import load_checkpoint
 from pyrovae.infer.program import resolve
-from pyrovae.pipeline import RunSpec, run
+from pyrovae.pipeline import EvalSettings, RunSpec, run
 
 
 def _state(model):
@@ -314,3 +315,49 @@ def test_two_mean_field_guides_never_share_parameters():
     fit(a, x, epochs=3, batch_size=64, lr=0.05, progress=False)
     assert all(torch.equal(before[k], _state(b)[k]) for k in before)
     assert not set(map(id, a.parameters())) & set(map(id, b.parameters()))
+
+
+def _tiny_vae_spec(out, **changes):
+    spec = RunSpec(model="vae",
+                   model_options={"z_dim": 3, "hidden": [16], "likelihood": "gaussian"},
+                   dataset="digits", train_size=128, test_size=64,
+                   fit={"epochs": 1, "batch_size": 64, "progress": False},
+                   eval=EvalSettings(num_samples=5, gap_points=8, gap_steps=5, gap_samples=20),
+                   out=str(out))
+    return replace(spec, **changes)
+
+
+def test_latent_diagnostics_reach_metrics_csv_and_their_own_tables(tmp_path):
+    out = tmp_path / "vae"
+    result = run(_tiny_vae_spec(out, metrics=("elbo", "latents", "gap")))
+    metrics = pd.read_csv(out / "metrics.csv").iloc[0]
+    latents = pd.read_csv(out / "latents.csv")
+    assert latents["dim"].tolist() == [0, 1, 2] and (latents["site"] == "z").all()
+    assert metrics["active_units"] == latents["active"].sum() == result.metrics["active_units"]
+    assert metrics["latent_kl"] == pytest.approx(latents["kl"].sum())
+    assert metrics["kl_z"] == metrics["latent_kl"] and metrics["latent_dims"] == 3
+    gap = pd.read_csv(out / "gap.csv")
+    assert len(gap) == 8 == metrics["gap_points"]
+    assert metrics["amortization_gap"] == pytest.approx(gap["amortization_gap"].mean())
+    assert metrics["approximation_gap"] == pytest.approx(gap["approximation_gap"].mean())
+    assert {p.name for p in result.files} >= {"metrics.csv", "latents.csv", "gap.csv"}
+    assert "kl_per_dimension.png" in {p.name for p in result.figures}
+    # The run's own statistics drew the bar plot: the table and the run agree.
+    assert result.latents.dims["kl"].tolist() == pytest.approx(latents["kl"].tolist())
+
+
+def test_latents_are_skipped_by_default_and_refused_when_named_where_they_do_not_apply(tmp_path):
+    gmm = RunSpec(model="gmm", model_options={"K": 2}, dataset="faithful", method="em",
+                  eval=EvalSettings(num_samples=5), out=str(tmp_path / "gmm"))
+    result = run(gmm)
+    assert any(note.startswith("latents not measured: the model has no continuous local")
+               for note in result.notes)
+    assert "active_units" not in result.metrics and not (tmp_path / "gmm" / "latents.csv").exists()
+    with pytest.raises(ValueError, match="metric 'latents' does not apply to model 'gmm'"):
+        run(replace(gmm, metrics=("elbo", "latents"), out=str(tmp_path / "named")))
+    assert not (tmp_path / "named").exists()
+    fa = RunSpec(model="fa", model_options={"z_dim": 2}, dataset="bfi", method="em",
+                 metrics=("elbo", "gap"), out=str(tmp_path / "fa"))
+    with pytest.raises(ValueError, match="metric 'gap' does not apply.*LinearGaussianEncoder"):
+        run(fa)
+    assert not (tmp_path / "fa").exists()

@@ -38,6 +38,7 @@ METRIC_COLUMNS = [
     "grad_draws", "test_predictive",
     "grad_init_encoder_snr", "grad_init_decoder_snr", "grad_init_encoder_var",
     "grad_init_decoder_var",
+    "active_units", "latent_kl", "approximation_gap", "amortization_gap",
 ]
 INFO_COLUMNS = [
     "status", "error", "notes", "threads", "pyrovae_version", "torch_version", "pyro_version",

@@ -11,6 +11,8 @@ from pyrovae.infer.fit import FitConfig, FitResult, fit
 from pyrovae.infer import distributed  # noqa: F401
 from pyrovae.infer.evaluate import Evaluation, evaluate, log_importance_weights
 from pyrovae.infer.diagnostics import gradient_stats
+from pyrovae.infer.latents import (InferenceGap, LatentStats, active_units, inference_gap,
+                                   latent_stats)
 
 __all__ = [
     "ELBOS",
@@ -25,4 +27,9 @@ __all__ = [
     "STL_ELBO",
     "BetaELBO",
     "gradient_stats",
+    "LatentStats",
+    "latent_stats",
+    "active_units",
+    "InferenceGap",
+    "inference_gap",
 ]

@@ -71,7 +71,7 @@ from pyro.infer.util import torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_if_enumerated, warn_if_nan
 
-from pyrovae.infer.objectives import ELBOS
+from pyrovae.infer.objectives import ELBOS, ParticleFallback, build_elbo
 from pyrovae.infer.traces import guide_leaves, importance_traces, pointwise_log_weights
 
 ESTIMATORS = ("standard", "stl", "dreg")
@@ -83,16 +83,19 @@ def _check_num_particles(num_particles: Any) -> int:
     return int(num_particles)
 
 
-class IWAE(ELBO):
+class IWAE(ParticleFallback, ELBO):
     """Importance-weighted bound with per-data-point weights (see module docstring).
 
     Args:
         num_particles: K, the number of importance samples per data point.
         max_plate_nesting: bound on nested plates; guessed by running model and
             guide once when left infinite and particles are vectorized.
-        vectorize_particles: draw the K particles in one pass under a particle
-            plate at dim ``-(max_plate_nesting + 1)``; otherwise K sequential
-            traces (same result, for models that cannot broadcast).
+        vectorize_particles: ``True`` draws the K particles in one pass under a
+            particle plate at dim ``-(max_plate_nesting + 1)``; ``False`` runs K
+            sequential traces (same result, for models that cannot broadcast);
+            ``None`` vectorizes when K > 1 and falls back to sequential traces
+            if the programs fail vectorized
+            (:class:`pyrovae.infer.objectives.ParticleFallback`).
         estimator: ``"standard"``, ``"stl"`` or ``"dreg"``.
         data_plate: name of the plate over data points.
 
@@ -106,7 +109,7 @@ class IWAE(ELBO):
         self,
         num_particles: int = 1,
         max_plate_nesting: float = float("inf"),
-        vectorize_particles: bool = False,
+        vectorize_particles: bool | None = None,
         estimator: str = "standard",
         data_plate: str = "data",
         strict_enumeration_warning: bool = True,
@@ -116,13 +119,17 @@ class IWAE(ELBO):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
         self.data_plate = data_plate
+        num_particles = _check_num_particles(num_particles)
+        auto = vectorize_particles is None
+        vectorize = num_particles > 1 if auto else bool(vectorize_particles)
         super().__init__(
-            num_particles=_check_num_particles(num_particles),
+            num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
-            vectorize_particles=vectorize_particles,
+            vectorize_particles=vectorize,
             strict_enumeration_warning=strict_enumeration_warning,
             retain_graph=retain_graph,
         )
+        self.particle_fallback = auto and vectorize
 
     # -- hooks -----------------------------------------------------------------
     def _get_trace(self, model: Callable, guide: Callable, args, kwargs):
@@ -214,16 +221,24 @@ class IWAE(ELBO):
     # -- Pyro's ELBO interface -------------------------------------------------
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """Negative bound, summed over the batch's data points (no gradients)."""
+        return self._with_fallback(self._loss, model, guide, args, kwargs)
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Negative bound as a tensor whose gradient is the chosen estimator's."""
+        return self._with_fallback(self._differentiable_loss, model, guide, args, kwargs)
+
+    def _loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         with torch.no_grad():
             log_w, scale, _ = self._log_weights(model, guide, args, kwargs)
             loss = -scale * torch_item(self._reduce(log_w).sum())
         warn_if_nan(loss, "loss")
         return loss
 
-    def differentiable_loss(
+    def _differentiable_loss(
         self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """Negative bound as a tensor whose gradient is the chosen estimator's."""
         log_w, scale, guide_params = self._log_weights(model, guide, args, kwargs)
         objective = self._reduce(log_w).sum()
         if self.estimator == "dreg":
@@ -242,7 +257,7 @@ class IWAE(ELBO):
         return torch_item(loss)
 
 
-class STL_ELBO(Trace_ELBO):
+class STL_ELBO(ParticleFallback, Trace_ELBO):
     """The K-particle ELBO with the sticking-the-landing gradient [2].
 
     Value as :class:`pyro.infer.Trace_ELBO`:
@@ -253,7 +268,10 @@ class STL_ELBO(Trace_ELBO):
     log-probabilities are replaced by path-derivative ones
     (:func:`pyrovae.infer.traces.importance_traces`). Works with any plate
     structure, global latents included; every guide site must be
-    reparameterized.
+    reparameterized. Built directly it draws particles as
+    :class:`pyro.infer.Trace_ELBO` does; the ``"STL_ELBO"`` entry of ``ELBOS``
+    vectorizes them by default, with the fallback of
+    :class:`pyrovae.infer.objectives.ParticleFallback`.
     """
 
     def _get_trace(self, model: Callable, guide: Callable, args, kwargs):
@@ -273,7 +291,8 @@ class STL_ELBO(Trace_ELBO):
 
 # -- registry entries ----------------------------------------------------------
 def _iwae_factory(estimator: str | None, doc: str) -> Callable[..., IWAE]:
-    def make(num_particles: int = 1, vectorize_particles: bool = False, **options: Any) -> IWAE:
+    def make(num_particles: int = 1, vectorize_particles: bool | None = None,
+             **options: Any) -> IWAE:
         if estimator is not None:
             if "estimator" in options:
                 raise TypeError(
@@ -299,11 +318,8 @@ ELBOS.register("IWAE-DReG")(_iwae_factory("dreg", "IWAE bound with the DReG grad
 
 @ELBOS.register("STL_ELBO")
 def _make_stl_elbo(
-    num_particles: int = 1, vectorize_particles: bool = False, **options: Any
+    num_particles: int = 1, vectorize_particles: bool | None = None, **options: Any
 ) -> STL_ELBO:
     """K-sample ELBO with the sticking-the-landing gradient."""
-    return STL_ELBO(
-        num_particles=_check_num_particles(num_particles),
-        vectorize_particles=vectorize_particles,
-        **options,
-    )
+    return build_elbo(STL_ELBO, _check_num_particles(num_particles), vectorize_particles,
+                      **options)

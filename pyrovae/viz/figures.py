@@ -7,7 +7,7 @@ Agg backend, so no display is needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -128,3 +128,98 @@ def manifold(decode, path: PathLike, image_shape=(1, 28, 28), n: int = 15, span:
     with torch.no_grad():
         images = decode(zz)
     return image_grid(images, path, image_shape, ncol=n, title="decoded latent grid")
+
+
+def latent_traversals(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    code: torch.Tensor,
+    units: Sequence[int],
+    values: torch.Tensor,
+    path: PathLike,
+    image_shape: Tuple[int, ...] = (1, 28, 28),
+    row_labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """One row per unit u of ``units``: the decoded means of ``code`` (K,)
+    with coordinate u set to each of ``values[i]`` (shape (len(units),
+    steps)), every other coordinate held."""
+    code = code.detach().reshape(-1)
+    values = torch.as_tensor(values, dtype=code.dtype, device=code.device)
+    if values.dim() != 2 or values.shape[0] != len(units):
+        raise ValueError(f"values must have shape (len(units), steps) = ({len(units)}, steps), "
+                         f"got {tuple(values.shape)}")
+    steps = values.shape[1]
+    z = code.repeat(len(units) * steps, 1).reshape(len(units), steps, -1)
+    for row, unit in enumerate(units):
+        z[row, :, unit] = values[row]
+    with torch.no_grad():
+        images = decode(z.reshape(len(units) * steps, -1))
+    labels = list(row_labels) if row_labels is not None else [f"z[{u}]" for u in units]
+    return image_grid(images, path, image_shape, ncol=steps, row_labels=labels,
+                      title="latent traversals: one unit varied, the others held")
+
+
+def interpolations(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    end: torch.Tensor,
+    path: PathLike,
+    image_shape: Tuple[int, ...] = (1, 28, 28),
+    steps: int = 10,
+    x_start: Optional[torch.Tensor] = None,
+    x_end: Optional[torch.Tensor] = None,
+) -> Path:
+    """One row per pair of codes (``start``, ``end``: (P, K)): the decoded
+    means along the straight line z = (1 - t) start + t end, t in [0, 1],
+    between the data images ``x_start`` and ``x_end`` when given."""
+    if start.shape != end.shape or start.dim() != 2:
+        raise ValueError(f"start and end must be codes of the same shape (P, K), got "
+                         f"{tuple(start.shape)} and {tuple(end.shape)}")
+    t = torch.linspace(0, 1, steps, dtype=start.dtype, device=start.device)[None, :, None]
+    z = (1 - t) * start[:, None, :] + t * end[:, None, :]
+    with torch.no_grad():
+        decoded = decode(z.reshape(-1, start.shape[1])).reshape(start.shape[0], steps, -1)
+    rows = [decoded]
+    if x_start is not None and x_end is not None:
+        rows = [x_start.reshape(start.shape[0], 1, -1).to(decoded), decoded,
+                x_end.reshape(start.shape[0], 1, -1).to(decoded)]
+    images = torch.cat(rows, 1)
+    return image_grid(images.reshape(-1, images.shape[-1]), path, image_shape,
+                      ncol=images.shape[1], title="interpolations between held-out images "
+                      "(linear in z)")
+
+
+def kl_per_dimension(dims: pd.DataFrame, path: PathLike, threshold: float = 0.01) -> Path:
+    """Bar plots of a latent-statistics table (the ``dims`` frame of
+    :func:`pyrovae.infer.latent_stats`): the KL to the prior per dimension
+    (top) and the activity on a log scale with the threshold (bottom); active
+    units are coloured, inactive ones grey. Dimensions of every site are laid
+    side by side."""
+    labels = [f"{s}[{d}]" if dims["site"].nunique() > 1 else str(d)
+              for s, d in zip(dims["site"], dims["dim"])]
+    colors = ["C0" if a else "0.7" for a in dims["active"]]
+    pos = np.arange(len(dims))
+    fig, (ax_kl, ax_act) = plt.subplots(2, 1, figsize=(max(5.0, 0.22 * len(dims) + 1.5), 5.2),
+                                        sharex=True)
+    kl = dims["kl"].to_numpy(dtype=float)
+    if np.isfinite(kl).any():
+        ax_kl.bar(pos, np.nan_to_num(kl), color=colors)
+    else:
+        ax_kl.text(0.5, 0.5, "no per-dimension KL (q or p does not factorize)",
+                   ha="center", va="center", transform=ax_kl.transAxes)
+    ax_kl.set_ylabel("KL(q || p) (nats)")
+    n_active = int(dims["active"].sum())
+    ax_kl.set_title(f"KL per dimension; {n_active} of {len(dims)} units active "
+                    f"(activity > {threshold:g})")
+    activity = dims["activity"].to_numpy(dtype=float)
+    floor = max(threshold * 1e-3, 1e-8)
+    ax_act.bar(pos, np.clip(activity, floor, None), color=colors)
+    ax_act.axhline(threshold, color="C3", linestyle="--", linewidth=1, label="threshold")
+    ax_act.set_yscale("log")
+    ax_act.set_ylabel("activity Cov_x(E_q[z])")
+    ax_act.legend(loc="best", fontsize=8)
+    step = max(1, len(dims) // 40)
+    ax_act.set_xticks(pos[::step], labels[::step], rotation=90 if len(dims) > 20 else 0,
+                      fontsize=7)
+    ax_act.set_xlabel("latent dimension")
+    fig.tight_layout()
+    return save_figure(fig, path)
