@@ -144,8 +144,9 @@ def _add_train(sub) -> None:
                    help=f"objective (default: the model's, else Trace_ELBO): {', '.join(sorted(ELBOS))}")
     p.add_argument("--num-particles", type=POSITIVE, default=1,
                    help="samples per data point in each gradient estimate (default: %(default)s)")
-    p.add_argument("--vectorize-particles", action="store_true",
-                   help="draw the particles in one batched pass")
+    p.add_argument("--vectorize-particles", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the particles in one batched pass, or one at a time with "
+                        "--no-vectorize-particles (default: batched where the programs allow)")
     p.add_argument("--epochs", type=POSITIVE, default=10,
                    help="passes over the training set (default: %(default)s)")
     p.add_argument("--max-steps", type=POSITIVE, default=None,

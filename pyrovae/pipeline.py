@@ -517,7 +517,7 @@ def _svi_objective(spec: RunSpec) -> Any:
     elbo = fit.get("elbo")
     if elbo is None or not isinstance(elbo, str):
         return None
-    return make_objective(elbo, fit.get("num_particles", 1), fit.get("vectorize_particles", False),
+    return make_objective(elbo, fit.get("num_particles", 1), fit.get("vectorize_particles"),
                           **fit.get("elbo_options", {}))
 
 

@@ -86,7 +86,9 @@ class FitConfig:
 
     elbo: Any = None  # objective name in ELBOS or an ELBO object (None: the model's default_elbo)
     num_particles: int = 1  # samples per data point in each gradient estimate
-    vectorize_particles: bool = False  # draw the particles in one batched pass
+    # Draw the particles in one batched pass (None: batched when num_particles
+    # > 1 and the programs allow it, see pyrovae.infer.objectives).
+    vectorize_particles: Optional[bool] = None
     elbo_options: Dict[str, Any] = field(default_factory=dict)  # extra objective kwargs
     epochs: int = 10  # passes over the training set
     max_steps: Optional[int] = None  # stop early after this many steps in total
@@ -122,6 +124,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.num_particles >= 1, "num_particles must be >= 1"),
+            (self.vectorize_particles in (None, True, False),
+             "vectorize_particles must be true, false or None (batched where possible)"),
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
             (self.max_seconds is None or self.max_seconds > 0, "max_seconds must be > 0"),
