@@ -163,7 +163,8 @@ def _add_train(sub) -> None:
                         "warmup_steps=1000 for BetaELBO, alpha=0.5 for RenyiELBO, "
                         "estimator=dreg for IWAE")
     p.add_argument("--lr-schedule", default=None, metavar="SCHEDULE",
-                   help="cosine | step:N:GAMMA | exponential:GAMMA | warmup:N (default: constant)")
+                   help="cosine | step:N:GAMMA | exponential:GAMMA | warmup:N | stages:B:GAMMA "
+                        "(stage i: B^i epochs at GAMMA^i; default: constant)")
     p.add_argument("--early-stopping", type=POSITIVE, default=None, metavar="N",
                    help="stop after N held-out evaluations without a gain in ELBO")
     p.add_argument("--clip-grad", type=_positive_float, default=None, metavar="X",

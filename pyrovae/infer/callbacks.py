@@ -79,8 +79,11 @@ def schedule_factor(schedule: Optional[str], epoch: int, epochs: int) -> float:
 
     ``schedule`` is None (constant), ``"cosine"`` (cosine decay to 0 over the
     run), ``"step:N:G"`` (times G every N epochs), ``"exponential:G"`` (times
-    G every epoch) or ``"warmup:N"`` (linear from 1/N to 1 over N epochs).
-    A function of the epoch alone, so a resumed run continues it exactly.
+    G every epoch), ``"warmup:N"`` (linear from 1/N to 1 over N epochs) or
+    ``"stages:B:G"`` (times G^i in stage i = 0, 1, ..., which lasts B^i
+    epochs: ``stages:3:0.7196856730011519``, G = 10^(-1/7), is the schedule of
+    Burda et al. 2016, 3,280 epochs over i = 0..7). A function of the epoch
+    alone, so a resumed run continues it exactly.
     """
     if schedule is None:
         return 1.0
@@ -97,9 +100,16 @@ def schedule_factor(schedule: Optional[str], epoch: int, epochs: int) -> float:
         return values[0] ** epoch
     if name == "warmup" and len(values) == 1 and values[0] >= 1:
         return min(1.0, (epoch + 1) / values[0])
+    if (name == "stages" and len(values) == 2 and values[0] >= 1
+            and values[0] == int(values[0]) and values[1] > 0):
+        stage, start, base = 0, 0, int(values[0])
+        while epoch >= start + base ** stage:
+            start += base ** stage
+            stage += 1
+        return values[1] ** stage
     raise ValueError(
         f"unknown learning-rate schedule {schedule!r}; use cosine, step:N:GAMMA, "
-        "exponential:GAMMA or warmup:N"
+        "exponential:GAMMA, warmup:N or stages:B:GAMMA"
     )
 
 

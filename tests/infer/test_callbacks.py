@@ -27,7 +27,13 @@ def test_schedules_are_functions_of_the_epoch():
     assert schedule_factor("step:3:0.1", 3, 10) == pytest.approx(0.1)
     assert schedule_factor("exponential:0.5", 2, 10) == 0.25
     assert schedule_factor("warmup:4", 1, 10) == 0.5
-    for bad in ("linear", "step:0:0.5", "exponential:-1", "cosine:2"):
+    # Burda et al. (2016): stage i lasts 3^i epochs at 10^(-i/7), 3,280 epochs in all.
+    burda = [schedule_factor("stages:3:0.7196856730011519", e, 3280) for e in range(3280)]
+    stages = [round(-7 * math.log10(f)) for f in burda]
+    assert [stages.count(i) for i in range(8)] == [3 ** i for i in range(8)]
+    assert stages == sorted(stages) and burda[-1] == pytest.approx(1e-1)
+    for bad in ("linear", "step:0:0.5", "exponential:-1", "cosine:2", "stages:0:0.5",
+                "stages:2.5:0.5", "stages:3"):
         with pytest.raises(ValueError, match="schedule"):
             schedule_factor(bad, 0, 10)
 
