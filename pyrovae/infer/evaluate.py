@@ -24,15 +24,14 @@ chunk's tensors under ``max_memory`` bytes, whatever K and N are.
 
 Speed. For a Bernoulli likelihood whose logits are an MLP of z (a model object
 whose ``decoder`` is an ``nn.Sequential`` of ``nn.Linear`` layers and
-elementwise activations, such as :class:`pyrovae.models.VAE`) the model's
-log-density is computed by one fused function instead of Pyro's replay of the
-model: with logits :math:`l = W h + b` of the last hidden layer h,
+elementwise activations, such as :class:`pyrovae.models.VAE`) the log-weights
+of a chunk come from one fused function instead of Pyro's replay of the model:
+with logits l = decoder(z),
 
 .. math::
 
     \\log p(x_n \\mid z) = \\sum_d x_{nd} l_d - \\mathrm{softplus}(l_d)
-      = h \\cdot (W^\\top x_n) + b \\cdot x_n
-        - \\sum_d \\max(l_d, 0)
+      = \\sum_d \\big(x_{nd} l_d - \\max(l_d, 0)\\big)
         - \\sum_{g} \\log \\prod_{d \\in g} (1 + e^{-|l_d|}),
 
 where the last sum runs over groups g of 16 pixels (each factor lies in (1, 2],
@@ -41,12 +40,15 @@ of one per pixel; the hidden softplus activations are
 :math:`\\max(a, 0) + \\log(1 + e^{-|a|})`. On CPU both replace torch's log1p,
 whose kernel is several times slower than its log; each factor's rounding
 errs by at most half an ulp of 1, so the log-likelihood of D pixels by at
-most D/2 ulps of 1 (5e-5 nats for float32 MNIST). The
-guide still runs as a Pyro trace (the draws are the generic path's for the same
-seed), the prior must be a Normal shared by all points, and the whole fast path
-is checked against Pyro's log-densities on the first points before it is used;
-any program it does not recognise runs the generic path. Large evaluations
-compile the fused function with ``torch.compile``.
+most D/2 ulps of 1 (5e-5 nats for float32 MNIST). The prior (a Normal shared
+by all points) and a Normal guide's log-densities are summed in the same
+function. The guide runs as a Pyro trace once per block of points, and each
+chunk's particles are drawn from its site's distribution broadcast to (K, N)
+and called, as Pyro does under a particle plate: the same draws as the generic
+path for the same seed and chunks. The fast path is checked against Pyro's
+log-densities on the first two points before it is used; any program it does
+not recognise runs the generic path. Large evaluations compile the fused
+function with ``torch.compile``.
 
 References
 
@@ -261,33 +263,26 @@ def _plain_softplus(layer: nn.Module) -> bool:
 
 
 def _normal_log_density(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """log N(z; loc, diag scale^2) summed over the last dimension, as torch's Normal."""
-    return (-((z - loc) ** 2) / (2 * scale**2) - scale.log()
-            - math.log(math.sqrt(2 * math.pi))).sum(-1)
+    """log N(z; loc, diag scale^2) summed over the last dimension."""
+    return torch.distributions.Normal(loc, scale, validate_args=False).log_prob(z).sum(-1)
 
 
 def _decoder_log_weights(z: torch.Tensor, body: Tuple[nn.Module, ...], weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], x_weight: torch.Tensor,
-                         x_bias: Optional[torch.Tensor], prior_loc: torch.Tensor,
+                         bias: Optional[torch.Tensor], x: torch.Tensor, prior_loc: torch.Tensor,
                          prior_scale: torch.Tensor, q_loc: Optional[torch.Tensor],
                          q_scale: Optional[torch.Tensor],
                          log_q: Optional[torch.Tensor]) -> torch.Tensor:
     """log sum_k w_kn, shape (n,), for the log-weights log w_kn = log p(x_n |
-    z_kn) + log p(z_kn) - log q(z_kn | x_n) of z of shape (k, n, Z), with
-    logits = linear(body(z)), ``x_weight = x @ weight`` and ``x_bias = x @
-    bias``. q is the Normal (q_loc, q_scale), or its log-density is given as
-    ``log_q``."""
+    z_kn) + log p(z_kn) - log q(z_kn | x_n) of z of shape (k, n, Z), with the
+    Bernoulli logits linear(body(z)). q is the Normal (q_loc, q_scale), or its
+    log-density is given as ``log_q``."""
     k, n = z.shape[0], z.shape[1]
     h = z.reshape(k * n, z.shape[-1])
     for layer in body:
         h = _softplus(h) if _plain_softplus(layer) else layer(h)
-    # sum_d x_d l_d = h . (W^T x) + b . x: a dot product over the hidden width.
-    log_w = (h.view(k, n, -1) * x_weight).sum(-1)
-    if x_bias is not None:
-        log_w = log_w + x_bias
     logits = F.linear(h, weight, bias)
-    log_w = log_w - _softplus_sum(logits).view(k, n) + _normal_log_density(z, prior_loc,
-                                                                            prior_scale)
+    log_w = ((logits.view(k, n, -1) * x).sum(-1) - _softplus_sum(logits).view(k, n)
+             + _normal_log_density(z, prior_loc, prior_scale))
     if log_q is None:
         log_q = _normal_log_density(z, q_loc, q_scale)
     return torch.logsumexp(log_w - log_q, 0)
@@ -304,9 +299,8 @@ def _compiled_kernel() -> Callable[..., torch.Tensor]:
 class _Block:
     """One block of data points, as the fused kernel reads it."""
 
+    x: torch.Tensor  #: the points, (n, D)
     q: dist.Distribution  #: the guide's distribution of z, batch shape (n,)
-    x_weight: torch.Tensor  #: x @ W of the decoder's last layer, (n, H)
-    x_bias: Optional[torch.Tensor]  #: x @ b, (n,)
 
 
 @dataclass
@@ -333,27 +327,27 @@ class _DecoderPath:
 
     def block(self, x: torch.Tensor) -> _Block:
         """The guide's q(z | x) for the points ``x`` from one Pyro trace (with
-        the random state put back: its draw is not used), and x's projections."""
+        the random state put back: its draw is not used)."""
         devices = [x.device.index or 0] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), poutine.block():
             trace = poutine.trace(self.guide).get_trace(x)
-        weight, bias = self.last.weight, self.last.bias
-        return _Block(q=trace.nodes[self.latent]["fn"], x_weight=x @ weight,
-                      x_bias=None if bias is None else x @ bias)
+        return _Block(x=x, q=trace.nodes[self.latent]["fn"])
 
     def log_sum_weights(self, block: _Block, num_particles: int) -> torch.Tensor:
         """log sum_k w_kn over K fresh draws from the block's q, shape (N,).
 
         The draws are those of the guide run under a particle plate: Pyro
         broadcasts the site's distribution to batch shape (K, N) and calls it."""
-        q = block.q.expand(torch.Size((num_particles, block.x_weight.shape[0])))
-        z = q()
+        q = block.q.expand(torch.Size((num_particles, block.x.shape[0])))
+        return self.kernel(*self.kernel_args(block.x, q, q()))
+
+    def kernel_args(self, x: torch.Tensor, q: dist.Distribution, z: torch.Tensor) -> Tuple:
+        """The fused kernel's arguments for draws z (K, N, Z) from q (batch (K, N))."""
         normal = (isinstance(q, dist.Independent) and q.reinterpreted_batch_ndims == 1
                   and type(q.base_dist) in (dist.Normal, torch.distributions.Normal))
         q_loc, q_scale = (q.base_dist.loc, q.base_dist.scale) if normal else (None, None)
-        return self.kernel(z, self.body, self.last.weight, self.last.bias, block.x_weight,
-                           block.x_bias, self.prior_loc, self.prior_scale, q_loc, q_scale,
-                           None if normal else q.log_prob(z))
+        return (z, self.body, self.last.weight, self.last.bias, x, self.prior_loc,
+                self.prior_scale, q_loc, q_scale, None if normal else q.log_prob(z))
 
 
 def _only_data_plate(site: Dict[str, Any], n: int) -> bool:
@@ -422,12 +416,9 @@ def _decoder_path(program: Program, x: torch.Tensor, compiled: bool) -> Optional
         return None
     path = _DecoderPath(guide=program.guide, latent=latent, body=tuple(body), last=last,
                         prior_loc=loc[0], prior_scale=scale[0], compiled=compiled)
-    weight, bias = last.weight, last.bias
     q = q_site["fn"]
-    # One particle: the log-sum is the log-weight itself.
-    fused = _decoder_log_weights(z[None], path.body, weight, bias, xs @ weight,
-                                 None if bias is None else xs @ bias, path.prior_loc,
-                                 path.prior_scale, None, None, q.log_prob(z)[None])
+    # Pyro's own draw as one particle, whose log-sum is its log-weight.
+    fused = _decoder_log_weights(*path.kernel_args(xs, q.expand(torch.Size((1, m))), z[None]))
     reference = likelihood.log_prob(xs) + prior.log_prob(z) - q.log_prob(z)
     # Both are sums of D float terms: they agree to about D roundings.
     tol = 4 * eps * (reference.abs() + xs.shape[1] * (1 + likelihood.base_dist.logits.abs().max()))
