@@ -674,14 +674,17 @@ def importance_log_likelihood(
         batch_size: most data points in one chunk.
         max_memory: bound in bytes on the tensors of one chunk of (points x
             particles); the chunk is the largest under it, whatever K and N are
-            (see :func:`importance_plan`). At the default (128 MiB) the MNIST
-            VAE 784-400-50 peaks about 130 MiB above its resting memory for
-            K = 1000 and K = 5000 alike.
+            (see :func:`importance_plan`). At the default (64 MiB) the MNIST
+            VAE 784-400-50 peaked 48-91 MiB above its resting memory (resident
+            set, allocator slack included) for K = 1000, 5000 and 20000, with no
+            trend in K (``benchmarks/speed.py --part eval``).
         progress: a progress bar on stderr; ``None`` shows it when stderr is
             a terminal.
         fast: use the fused decoder kernel when the programs have the shape it
             handles (module docstring); ``False`` always traces both programs.
-            The draws are the same either way.
+            With the same seed and the same chunks both draw the same particles
+            (the fused path's smaller tensors allow it bigger chunks, see
+            :func:`importance_plan`).
         compile_kernel: run the fused kernel under ``torch.compile``; ``None``
             compiles when N K >= ``COMPILE_MIN_DRAWS``. A compiler failure
             falls back to running it uncompiled, with a warning.
