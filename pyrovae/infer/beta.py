@@ -35,13 +35,13 @@ References
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 
-from pyrovae.infer.objectives import ELBOS
+from pyrovae.infer.objectives import ELBOS, build_elbo
 
 
 def _check_beta(name: str, value: Any) -> float:
@@ -127,7 +127,8 @@ class BetaELBO(Trace_ELBO):
 
 @ELBOS.register("BetaELBO")
 def _make_beta_elbo(
-    num_particles: int = 1, vectorize_particles: bool = False, **options: Any
+    num_particles: int = 1, vectorize_particles: Optional[bool] = None, **options: Any
 ) -> BetaELBO:
-    """beta-weighted ELBO; options: beta, warmup_steps, beta0."""
-    return BetaELBO(num_particles=num_particles, vectorize_particles=vectorize_particles, **options)
+    """beta-weighted ELBO; options: beta, warmup_steps, beta0. Particles are
+    vectorized where the programs allow, as for every objective."""
+    return build_elbo(BetaELBO, num_particles, vectorize_particles, **options)
