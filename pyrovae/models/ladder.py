@@ -76,6 +76,7 @@ from torch.nn.functional import softplus
 from pyrovae.guides.encoder import AmortizedEncoder
 from pyrovae.models.base import LatentModel
 from pyrovae.models.registry import MODELS
+from pyrovae.models.vae import DecoderLikelihood
 from pyrovae.nn import activation as make_activation
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -203,7 +204,7 @@ class LadderEncoder(AmortizedEncoder):
 
 
 @MODELS.register("ladder-vae")
-class LadderVAE(LatentModel):
+class LadderVAE(DecoderLikelihood, LatentModel):
     """Ladder VAE [1]: L stochastic layers, top-down inference (module docstring).
 
     Sample sites ``"z1"`` (bottom, next to x) to ``"z<L>"`` (top), then the
@@ -362,22 +363,6 @@ class LadderVAE(LatentModel):
             return dist.Normal(*self._top_down_params(level, z_above)).to_event(1)
         return dist.Bernoulli(logits=self.top_down[level - 1](z_above)).to_event(1)
 
-    def likelihood_dist(self, z1: torch.Tensor) -> dist.Distribution:
-        """p(x | z_1), event dimension 1."""
-        out = self.decoder(z1)
-        if self.likelihood == "bernoulli":
-            # Dynamic binarization feeds exact 0/1 data; skipping the support
-            # check keeps the hot path free of a full-tensor comparison.
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.noise_scale(out).expand_as(out)).to_event(1)
-
-    def noise_scale(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard deviation of the Gaussian likelihood, shape (D,) or a scalar
-        (dtype and device of ``like``)."""
-        if self.fixed_scale is None:
-            return softplus(self.decoder.raw_scale) + 1e-3
-        return like.new_tensor(self.fixed_scale)
-
     def _top_down_params(self, level: int, z_above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         loc, raw_scale = self.top_down[level - 1](z_above).chunk(2, dim=-1)
         return loc, softplus(raw_scale) + MIN_SCALE
@@ -389,16 +374,6 @@ class LadderVAE(LatentModel):
         return StraightThroughBernoulli(logits.new_tensor(self.temperature), logits=logits).to_event(1)
 
     # -- capabilities ------------------------------------------------------------
-    def check_data(self, x: torch.Tensor) -> None:
-        """Raise a clear error for data the likelihood cannot score."""
-        x = self.as_data(x)  # converts, flattens images, checks columns and finiteness
-        if self.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
-            raise ValueError(
-                "the Bernoulli likelihood needs binary data, but the data has values "
-                "strictly between 0 and 1; binarize it (binarize='dynamic' or "
-                "'static') or use likelihood='gaussian'"
-            )
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """E_q[z_L | x], shape (N, z_dim): the bottom-up mean of the top layer

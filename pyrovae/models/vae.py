@@ -107,7 +107,44 @@ class VampPrior(nn.Module):
         return dist.MixtureSameFamily(mix, comps)
 
 
-class VAEBase(LatentModel):
+class DecoderLikelihood:
+    """p(x | z) from a ``decoder`` network, shared by the VAE families: a
+    Bernoulli on the decoder's logits, or a Normal around its output with a
+    learned per-dimension (``decoder.raw_scale``) or fixed (``fixed_scale``)
+    standard deviation. Expects ``decoder``, ``likelihood`` and ``fixed_scale``."""
+
+    decoder: nn.Module
+    likelihood: str
+    fixed_scale: Optional[float]
+
+    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z), event dimension 1."""
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            # Dynamic binarization feeds exact 0/1 data; skipping the support
+            # check keeps the hot path free of a full-tensor comparison.
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.noise_scale(out).expand_as(out)).to_event(1)
+
+    def noise_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard deviation of the Gaussian likelihood, shape (D,) or a scalar
+        (dtype and device of ``like``)."""
+        if self.fixed_scale is None:
+            return softplus(self.decoder.raw_scale) + 1e-3
+        return like.new_tensor(self.fixed_scale)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise a clear error for data the likelihood cannot score."""
+        x = self.as_data(x)  # converts, flattens images, checks columns and finiteness
+        if self.likelihood == "bernoulli" and not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(
+                "the Bernoulli likelihood needs binary data, but the data has values "
+                "strictly between 0 and 1; binarize it (binarize='dynamic' or "
+                "'static') or use likelihood='gaussian'"
+            )
+
+
+class VAEBase(DecoderLikelihood, LatentModel):
     """A VAE with amortized Gaussian (or IAF) guide, given its two networks.
 
     A subclass calls ``super().__init__`` with the options below, adds its own
@@ -257,34 +294,6 @@ class VAEBase(LatentModel):
         if self.flow is None:
             return base
         return self.flow.distribution(base, params[2])
-
-    def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            # Dynamic binarization feeds exact 0/1 data; skipping the support
-            # check keeps the hot path free of a full-tensor comparison.
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.noise_scale(out).expand_as(out)).to_event(1)
-
-    def noise_scale(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard deviation of the Gaussian likelihood, shape (D,) or a scalar
-        (dtype and device of ``like``)."""
-        if self.fixed_scale is None:
-            return softplus(self.decoder.raw_scale) + 1e-3
-        return like.new_tensor(self.fixed_scale)
-
-    def check_data(self, x: torch.Tensor) -> None:
-        """Raise a clear error for data the likelihood cannot score."""
-        x = self.as_data(x)  # converts, flattens images and checks the columns
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("the data has NaN or infinite values; drop or impute those rows first")
-        if self.likelihood == "bernoulli":
-            if not bool(((x == 0) | (x == 1)).all()):
-                raise ValueError(
-                    "the Bernoulli likelihood needs binary data, but the data has values "
-                    "strictly between 0 and 1; binarize it (binarize='dynamic' or "
-                    "'static') or use likelihood='gaussian'"
-                )
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
