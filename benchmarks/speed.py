@@ -32,14 +32,20 @@ Parts:
     initialized unless ``--train-epochs`` trains it first (the arithmetic is
     the same either way).
 ``train``
-    One training step of ``fit`` (the whole loop: its checks and bookkeeping,
-    timed from its first step to its last) against a hand-written PyTorch VAE
-    step: the same networks (784-400-50 softplus), the same batches (MNIST
-    binarized once, batch 128), the same optimizer (Adam 1e-3); ``fit`` with
-    Trace_ELBO and TraceMeanField_ELBO, on its fast path and on the plain Pyro
-    path (``fast_path=False``). Blocks of ``--train-steps`` steps, each
-    contender in turn, ``--rounds`` times; the ratio to the hand-written step
-    is that of the medians.
+    One training step of ``fit`` (the whole loop: its checks and bookkeeping)
+    against a hand-written PyTorch VAE step: the same networks (784-400-50
+    softplus), the same batches (MNIST binarized once, batch 128), the same
+    optimizer (Adam 1e-3); ``fit`` with Trace_ELBO and TraceMeanField_ELBO,
+    on its fast path with the recorded graph replayed (the default), on the
+    fast path running the programs at every step (``capture=False``), and on
+    the plain Pyro path (``fast_path=False``). Blocks of ``--train-steps``
+    steps (one ``fit`` call, one epoch), each contender in turn, ``--rounds``
+    times; the step is timed from the 6th step to the last, and the ratio to
+    the hand-written step is that of the medians. The one-time work of a
+    ``fit`` call's first steps (``startup_ms``: the look at the programs, the
+    recording and first check of the graph) and the end of its epoch
+    (``epoch_end_ms``: the check of the graph against the program, the
+    parameters' check) are reported beside it.
 ``particles``
     One ``loss_and_grads`` step on a batch of ``--batch`` MNIST training
     images for Trace_ELBO, TraceMeanField_ELBO, IWAE, IWAE-DReG and STL_ELBO
@@ -61,7 +67,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -245,22 +251,38 @@ class HandWrittenVAE(torch.nn.Module):
 
 
 class _Clock:
-    """Reads the clock when ``fit``'s loop starts and ends."""
+    """Reads the clock when ``fit``'s loop starts, after its first ``warm``
+    steps, after its last step, and when it ends. A fit call's first steps
+    include its one-time work (the first step's look at the programs, the
+    recording and first check of the graph the fast path replays) and the
+    end of an epoch its checks (the graph against the program, the
+    parameters); a long run spreads both over all its steps."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.start = self.end = 0.0
+    def __init__(self, clock: Callable[[], float], warm: int, last: int) -> None:
+        self.clock, self.warm, self.last = clock, warm, last
+        self.start = self.warmed = self.stepped = self.end = 0.0
 
     def on_fit_start(self, state) -> None:
         self.start = self.clock()
+
+    def on_step(self, state) -> None:
+        if state.step == self.warm:
+            self.warmed = self.clock()
+        elif state.step == self.last:
+            self.stepped = self.clock()
 
     def on_fit_end(self, state) -> None:
         self.end = self.clock()
 
 
 def _train_rows(x: torch.Tensor, *, steps: int = 50, rounds: int = 5, seed: int = 0,
-                clock: Callable[[], float] = time.perf_counter) -> List[Dict]:
-    """Seconds per step of each contender, and the ratio to the hand-written step."""
+                clock: Callable[[], float] = time.perf_counter, warm: int = 5) -> List[Dict]:
+    """Seconds per step of each contender, and the ratio to the hand-written
+    step. ``fit`` is timed over its steps after the first ``warm`` (the
+    steady step of a long run); the one-time work of its first steps is
+    reported apart, as ``startup_ms`` (their time beyond ``warm`` steady
+    steps), and so is the end of its epoch, as ``epoch_end_ms`` (from the
+    last step to the end of ``fit``)."""
     from pyrovae import VAE, fit
     from pyrovae.data import ArrayDataset
 
@@ -269,40 +291,54 @@ def _train_rows(x: torch.Tensor, *, steps: int = 50, rounds: int = 5, seed: int 
     hand = HandWrittenVAE()
     hand_opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
 
-    def hand_block() -> float:
+    def hand_block() -> Tuple[float, float, float]:
         gen = torch.Generator().manual_seed(seed)
-        t0 = clock()
-        for xb in data.batches(128, gen):
+        for i, xb in enumerate(data.batches(128, gen)):
+            if i == warm:
+                t0 = clock()
             loss = hand.loss(xb)
             loss.backward()
             hand_opt.step()
             hand_opt.zero_grad(set_to_none=True)
-        return (clock() - t0) / steps
+        return (clock() - t0) / (steps - warm), 0.0, 0.0
 
-    contenders: Dict[str, Callable[[], float]] = {"hand-written PyTorch": hand_block}
+    contenders: Dict[str, Callable[[], Tuple[float, float, float]]] = {
+        "hand-written PyTorch": hand_block}
     for elbo in ("Trace_ELBO", "TraceMeanField_ELBO"):
-        for fast in (True, False):
+        for fast, capture, label in ((True, True, ""), (True, False, ", fast path uncaptured"),
+                                     (False, False, ", plain Pyro path")):
             model = VAE(784, 50, hidden=(400,))
 
-            def block(model=model, elbo=elbo, fast=fast) -> float:
-                timer = _Clock(clock)
+            def block(model=model, elbo=elbo, fast=fast,
+                      capture=capture) -> Tuple[float, float, float]:
+                timer = _Clock(clock, warm, steps)
                 fit(model, data, elbo=elbo, epochs=1, batch_size=128, lr=1e-3, seed=seed,
-                    eval_every=0, progress=False, fast_path=fast, callbacks=[timer])
-                return (timer.end - timer.start) / steps
+                    eval_every=0, progress=False, fast_path=fast, capture=capture,
+                    callbacks=[timer])
+                step = (timer.stepped - timer.warmed) / (steps - warm)
+                return (step, timer.warmed - timer.start - warm * step,
+                        timer.end - timer.stepped)
 
-            contenders[f"fit, {elbo}" + ("" if fast else ", plain Pyro path")] = block
+            contenders[f"fit, {elbo}{label}"] = block
     for run in contenders.values():  # warm-up: allocator, first-step probes
         run()
     times: Dict[str, List[float]] = {name: [] for name in contenders}
+    startup: Dict[str, List[float]] = {name: [] for name in contenders}
+    epoch_end: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, run in contenders.items():
-            times[name].append(run())
+            step, first, last = run()
+            times[name].append(step)
+            startup[name].append(first)
+            epoch_end[name].append(last)
     base = statistics.median(times["hand-written PyTorch"])
     return [{"case": name, "ms_per_step": 1e3 * statistics.median(t),
              "ratio_to_hand_written": statistics.median(t) / base,
              "ratio_min": min(a / b for a, b in zip(t, times["hand-written PyTorch"])),
              "ratio_max": max(a / b for a, b in zip(t, times["hand-written PyTorch"])),
-             "steps_per_block": steps, "rounds": rounds, "threads": torch.get_num_threads(),
+             "startup_ms": 1e3 * statistics.median(startup[name]),
+             "epoch_end_ms": 1e3 * statistics.median(epoch_end[name]),
+             "timed_steps": steps - warm, "rounds": rounds, "threads": torch.get_num_threads(),
              "seed": seed} for name, t in times.items()]
 
 

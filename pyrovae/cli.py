@@ -147,6 +147,10 @@ def _add_train(sub) -> None:
     p.add_argument("--vectorize-particles", action=argparse.BooleanOptionalAction, default=None,
                    help="draw the particles in one batched pass, or one at a time with "
                         "--no-vectorize-particles (default: batched where the programs allow)")
+    p.add_argument("--no-capture", action="store_true",
+                   help="run the programs at every step instead of replaying the recorded "
+                        "graph of the training step (for programs whose computation reads "
+                        "Python state that changes during training)")
     p.add_argument("--epochs", type=POSITIVE, default=10,
                    help="passes over the training set (default: %(default)s)")
     p.add_argument("--max-steps", type=POSITIVE, default=None,
@@ -238,6 +242,8 @@ def build_spec(args: argparse.Namespace):
     )
     if args.skip_nonfinite:
         fit["skip_nonfinite"] = True
+    if args.no_capture:
+        fit["capture"] = False
     elbo_options = _parse_set(args.elbo_options)
     if elbo_options:
         fit["elbo_options"] = elbo_options

@@ -114,6 +114,12 @@ class FitConfig:
     # Skip Pyro's per-step trace bookkeeping for programs whose sites do not
     # change (Trace_ELBO and TraceMeanField_ELBO; same loss and gradients).
     fast_path: bool = True
+    # On the fast path, record each input shape's loss as a graph of tensor
+    # operations and replay it (same loss and gradients, without Python's
+    # per-step cost), checked against the program at every epoch's start and
+    # end; turn it off for programs whose computation reads Python state that
+    # changes during training.
+    capture: bool = True
     # Data-parallel training (pyrovae.infer.distributed, needs pyrovae[distributed]):
     # used when devices * num_nodes > 1, where batch_size is the global batch.
     devices: int = 1  # processes (one per device) on each machine
@@ -521,7 +527,8 @@ def fit(
             else config.elbo
         )
         loss_fn = FastELBO(objective, model_fn, guide_fn, program.max_plate_nesting,
-                           enabled=config.fast_path)
+                           enabled=config.fast_path, capture=config.capture,
+                           modules=[module] if module is not None else [], params=params)
         optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
         optim.zero_grad(set_to_none=True)  # no stale gradients from earlier calls
         history: List[Dict[str, Any]] = []
@@ -602,6 +609,7 @@ def fit(
                 group["lr"] = lr
             t0 = time.perf_counter()
             ledger.new_epoch()
+            loss_fn.new_epoch()
             skipped = 0
             for xb in train.batches(config.batch_size, gen):
                 if step >= total:
@@ -674,6 +682,10 @@ def fit(
                 if step % 20 == 0 and ledger.losses:
                     bar.set_postfix(elbo=f"{-ledger.losses[-1] / ledger.sizes[-1]:.2f}")
             read_back()
+            stale = loss_fn.check()
+            if stale:  # before the epoch's evaluation, callbacks and checkpoint
+                bar.close()
+                raise ValueError(stale)
             losses, sizes = ledger.losses, ledger.sizes
             if losses and not all(bool(torch.isfinite(p).all()) for p in params):
                 # The epoch's last update overflowed: stop before an evaluation or a
