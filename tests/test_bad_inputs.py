@@ -409,7 +409,7 @@ TRAIN_POOLS: Dict[str, List[str]] = {
                   "@header.csv", "@binary.csv", "@folder.csv", "nope", "", "@good.csv"],
     "--out": ["@a-file", "@a-file/run", "", "@run", "@" + "x" * 300],
 }
-FLAGS = ["--resume", "--overwrite", "--vectorize-particles", "--skip-nonfinite"]
+FLAGS = ["--resume", "--overwrite", "--vectorize-particles", "--skip-nonfinite", "--no-capture"]
 
 
 @st.composite

@@ -21,7 +21,7 @@ from pyrovae.bench.runner import cell_spec, run_suite
 from pyrovae.bench.spec import load_suite
 from pyrovae.cli import build_parser, build_spec, main
 from pyrovae.data import load_dataset
-from pyrovae.infer.fit import load_checkpoint
+from pyrovae.infer.fit import FitConfig, load_checkpoint
 from pyrovae.infer.program import resolve
 from pyrovae.pipeline import EvalSettings, RunSpec, run
 
@@ -75,7 +75,7 @@ def test_cli_and_suite_cell_give_identical_parameters_and_metrics(tmp_path):
 _SEED_RUN = """
 import sys, torch
 from pyrovae.cli import main
-from pyrovae.infer.fit import load_checkpoint
+from pyrovae.infer.fit import FitConfig, load_checkpoint
 out = sys.argv[1]
 assert main(["train", "vae", "--dataset", "digits", "--likelihood", "gaussian", "--z-dim", "2",
              "--hidden", "16", "--epochs", "2", "--batch-size", "64", "--seed", sys.argv[2],
@@ -361,3 +361,11 @@ def test_latents_are_skipped_by_default_and_refused_when_named_where_they_do_not
     with pytest.raises(ValueError, match="metric 'gap' does not apply.*LinearGaussianEncoder"):
         run(fa)
     assert not (tmp_path / "fa").exists()
+
+
+def test_no_capture_reaches_fit_and_capture_is_the_default():
+    argv = ["train", "vae", "--dataset", "digits", "--out", "unused"]
+    assert "capture" not in build_spec(build_parser().parse_args(argv)).fit
+    spec = build_spec(build_parser().parse_args(argv + ["--no-capture"]))
+    assert spec.fit["capture"] is False
+    assert FitConfig(**spec.fit).capture is False and FitConfig().capture is True

@@ -380,16 +380,24 @@ class FastELBO:
         devices = _devices(x)
         # Buffers a step updates (batch-norm statistics) are put back after each run.
         buffers = [(b, b.clone()) for b in self._holder.buffers()]
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            program = self._fast_loss(x)
-            for b, saved in buffers:
-                b.copy_(saved)
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            replayed = graph.module(self._holder.tensors, x)
-            for b, saved in buffers:
-                b.copy_(saved)
-        return bool(torch.equal(program, replayed)
-                    or (torch.isnan(program) & torch.isnan(replayed)).item())
+
+        def run(loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                out = loss()
+                for b, saved in buffers:
+                    b.copy_(saved)
+            return out
+
+        program = run(lambda: self._fast_loss(x))
+        replayed = run(lambda: graph.module(self._holder.tensors, x))
+        if torch.equal(program, replayed) or bool(torch.isnan(program) & torch.isnan(replayed)):
+            return True
+        # Unequal. On a device whose kernels are not reproducible (some GPU
+        # reductions) the program differs from itself too; there the graph is
+        # held to a relative 1e-5 instead.
+        if torch.equal(program, run(lambda: self._fast_loss(x))):
+            return False
+        return bool(torch.isclose(program, replayed, rtol=1e-5, atol=0.0))
 
     def _ready(self, x: torch.Tensor, key: Tuple[Any, ...],
                graph: Optional["_Graph"]) -> Optional["_Graph"]:
