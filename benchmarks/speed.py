@@ -3,6 +3,7 @@
     python benchmarks/speed.py --part train       # a fit step against hand-written PyTorch
     python benchmarks/speed.py --part eval        # held-out log-likelihood at K = 5000
     python benchmarks/speed.py --part particles   # one training step per particle count
+    python benchmarks/speed.py --part profile     # where a step's time above hand-written goes
     python benchmarks/speed.py --part all --out benchmarks/results/speed
 
 Every part is a function returning rows; the dispatcher writes each part's
@@ -46,6 +47,15 @@ Parts:
     recording and first check of the graph) and the end of its epoch
     (``epoch_end_ms``: the check of the graph against the program, the
     parameters' check) are reported beside it.
+``profile``
+    Where the time of a training step above the hand-written one goes: the
+    loss and its gradients (no optimizer) on one MNIST batch of 128 for the
+    hand-written VAE, Trace_ELBO's arithmetic written in plain torch, the same
+    with ``torch.distributions`` objects, pyrovae's fast path running the
+    programs under one light handler, the recorded graph ``fit`` replays, and
+    Pyro's own ``Trace_ELBO.differentiable_loss``; each also without
+    gradients. Same weights for all, ``--rounds`` interleaved rounds of 40
+    calls, medians and ratios to the hand-written loss.
 ``particles``
     One ``loss_and_grads`` step on a batch of ``--batch`` MNIST training
     images for Trace_ELBO, TraceMeanField_ELBO, IWAE, IWAE-DReG and STL_ELBO
@@ -349,6 +359,85 @@ def train_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return [{**row, "clock": args.clock} for row in rows]
 
 
+# -- part: profile -------------------------------------------------------------------------------
+def profile_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    import math
+
+    import pyro.distributions as dist
+    from pyro.infer import Trace_ELBO
+
+    from pyrovae.infer.fastpath import FastELBO
+
+    x = _mnist("train", 128, args.seed)
+    torch.manual_seed(args.seed)
+    hand = HandWrittenVAE()
+    model = _vae(args.seed)
+    model.encoder.net.load_state_dict(hand.encoder.state_dict())
+    model.decoder.load_state_dict(hand.decoder.state_dict())
+    enc, dec = model.encoder, model.decoder
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+
+    def plain_torch(xb: torch.Tensor) -> torch.Tensor:
+        loc, scale = enc(xb)
+        z = loc + scale * torch.randn_like(loc)
+        log_q = (-(z - loc) ** 2 / (2 * scale ** 2) - scale.log() - half_log_2pi).sum()
+        log_p = (-z ** 2 / 2 - half_log_2pi).sum()
+        log_x = -F.binary_cross_entropy_with_logits(dec(z), xb, reduction="none").sum()
+        return -(log_x + log_p - log_q)
+
+    def distributions(xb: torch.Tensor) -> torch.Tensor:
+        loc, scale = enc(xb)
+        q = dist.Normal(loc, scale).to_event(1)
+        z = q.rsample()
+        p = dist.Normal(loc.new_zeros(loc.shape[-1]), 1.0).to_event(1)
+        likelihood = dist.Bernoulli(logits=dec(z), validate_args=False).to_event(1)
+        return -(likelihood.log_prob(xb).sum() + p.log_prob(z).sum() - q.log_prob(z).sum())
+
+    params = list(model.parameters())
+    traced = FastELBO(Trace_ELBO(), model.model, model.guide, 1, capture=False)
+    recorded = FastELBO(Trace_ELBO(), model.model, model.guide, 1, capture=True,
+                        modules=[model], params=params)
+    pyro_elbo = Trace_ELBO()
+    contenders: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "hand-written loss": hand.loss,
+        "Trace_ELBO's arithmetic in plain torch": plain_torch,
+        "the same with torch.distributions objects": distributions,
+        "fast path: the programs under one handler": traced,
+        "fast path: the recorded graph (fit's default)": recorded,
+        "Pyro's Trace_ELBO.differentiable_loss": lambda xb: pyro_elbo.differentiable_loss(
+            model.model, model.guide, xb),
+    }
+
+    def block(loss: Callable[[torch.Tensor], torch.Tensor], grad: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(40):
+            if grad:
+                loss(x).backward()
+            else:
+                with torch.no_grad():
+                    loss(x)
+        return (time.perf_counter() - start) / 40
+
+    for loss in contenders.values():  # warm-up (and the graph's recording)
+        for _ in range(3):
+            loss(x).backward()
+    times = {(name, grad): [] for name in contenders for grad in (True, False)}
+    for _ in range(args.rounds):
+        for name, loss in contenders.items():
+            for grad in (True, False):
+                times[(name, grad)].append(block(loss, grad))
+    rows = []
+    for grad in (True, False):
+        base = statistics.median(times[("hand-written loss", grad)])
+        for name in contenders:
+            t = statistics.median(times[(name, grad)])
+            rows.append({"what": name, "gradients": grad, "ms": 1e3 * t,
+                         "ratio_to_hand_written": t / base,
+                         "ms_above_hand_written": 1e3 * (t - base), "rounds": args.rounds,
+                         "threads": torch.get_num_threads(), "seed": args.seed})
+    return rows
+
+
 # -- part: particles --------------------------------------------------------------------------
 PARTICLE_OBJECTIVES = ("Trace_ELBO", "TraceMeanField_ELBO", "IWAE", "IWAE-DReG", "STL_ELBO")
 
@@ -409,6 +498,7 @@ PARTS: Dict[str, Callable[[argparse.Namespace], List[Dict[str, Any]]]] = {
     "train": train_rows,
     "eval": eval_rows,
     "particles": particle_rows,
+    "profile": profile_rows,
 }
 
 
@@ -459,7 +549,7 @@ def main(argv: List[str] | None = None) -> None:
                         help="train the evaluated model first (0: freshly initialized)")
     parser.add_argument("--batch", type=int, default=100, help="batch of the particles part")
     parser.add_argument("--rounds", type=int, default=7,
-                        help="interleaved rounds (train, particles)")
+                        help="interleaved rounds (train, particles, profile)")
     parser.add_argument("--train-steps", type=int, default=50,
                         help="steps per timed block of the train part")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
