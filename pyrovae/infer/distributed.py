@@ -15,7 +15,10 @@ One step on W = devices x num_nodes processes:
   ranks see exactly the data stream of one process at ``batch_size``.
 - **gradients**: :class:`ObjectiveModule` makes the objective an
   ``nn.Module`` (as Pyro's ``ELBOModule``): ``forward(x)`` is
-  ``objective.differentiable_loss(model, guide, x)``. ``fabric.setup`` wraps
+  ``objective.differentiable_loss(model, guide, x)``, computed on ``fit``'s
+  fast path where it applies (:class:`~pyrovae.infer.fastpath.FastELBO`, its
+  recorded graph included; every rank checks its graph at the epoch's end,
+  and if one is out of date all stop). ``fabric.setup`` wraps
   it in DDP, whose gradient hooks all-reduce (average) the gradients during
   ``fabric.backward``. Each rank's loss is first scaled by
   ``size(B) / size(b)`` (W for a data plate over the batch, 1 for a plate
@@ -71,6 +74,7 @@ from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX
                                OVERFLOW_FIX, PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult,
                                TrainingDiverged, check_world_size, diverged, exploding,
                                load_checkpoint, load_weights, save_checkpoint, step_problem)
+from pyrovae.infer.fastpath import FastELBO
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
                                    without_trace_shapes)
@@ -144,15 +148,19 @@ class ObjectiveModule(nn.Module):
     """
 
     def __init__(self, modules: List[nn.Module], objective: Any, model: Callable,
-                 guide: Callable) -> None:
+                 guide: Callable, loss_fn: Optional[Callable] = None) -> None:
         super().__init__()
         self.programs = nn.ModuleList(modules)
         self.objective, self.model_fn, self.guide_fn = objective, model, guide
+        # The same loss, computed another way (fit's fast path, :class:`FastELBO`).
+        self.loss_fn = loss_fn
         self.error: Optional[BaseException] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.error = None
         try:
+            if self.loss_fn is not None:
+                return self.loss_fn(x)
             return self.objective.differentiable_loss(self.model_fn, self.guide_fn, x)
         except ValueError as err:
             self.error = err
@@ -348,7 +356,11 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
         # Parameters above were made under the run's seed on every rank; the
         # draws of training are each rank's own.
         torch.manual_seed(rank_seed(config.seed, rank))
-        loss_module = ObjectiveModule(modules, objective, model_fn, guide_fn)
+        # fit's fast path, the recorded graph included: the same loss and gradients.
+        loss_fn = FastELBO(objective, model_fn, guide_fn, program.max_plate_nesting,
+                           enabled=config.fast_path, capture=config.capture, modules=modules,
+                           params=params)
+        loss_module = ObjectiveModule(modules, objective, model_fn, guide_fn, loss_fn)
         optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
         # The global batch's loss over this rank's share: DDP averages the gradients
         # of the scaled losses into the gradient of the global batch's loss.
@@ -405,6 +417,7 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
             losses: List[float] = []
             sizes: List[float] = []
             skipped = 0
+            loss_fn.new_epoch()
             for xb in train.batches(config.batch_size, gen, rank=rank, world_size=world):
                 if step >= total:
                     break
@@ -482,6 +495,14 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                     hooks("on_step", fit_state)
                 if step % 20 == 0:
                     bar.set_postfix(elbo=f"{-loss / size:.2f}")
+            # Every rank checks its graph; if one went out of date, all of them stop.
+            stale = loss_fn.check()
+            if fabric.all_reduce(torch.tensor(float(bool(stale)), device=device),
+                                 reduce_op="sum").item() > 0:
+                bar.close()
+                raise ValueError(stale or "another process: the recorded training step no "
+                                 "longer gives the program's loss; train it with "
+                                 "capture=False (--no-capture)")
             if losses and not all(bool(torch.isfinite(p).all()) for p in params):
                 bar.close()
                 raise diverged("a parameter became NaN or infinite", step, epoch, ckpt_path,
