@@ -482,6 +482,9 @@ class FastELBO:
         # way, so a run resumed from a checkpoint repeats the uninterrupted one
         # bit for bit.
         self.fast = not self.reason
+        if not self.fast and self.capturing:
+            self.capturing = False
+            self.capture_reason = "the fast path does not apply"
 
     def _unsupported_objective(self) -> str:
         objective = self.objective

@@ -228,3 +228,19 @@ def test_a_program_that_differs_from_itself_is_held_to_a_relative_tolerance():
     for _ in range(3):
         fast(_binary())
     assert fast.capturing is True and fast.check() == ""
+
+
+def test_no_graph_without_the_fast_path():
+    from pyrovae.infer import make_objective
+
+    model = VAE(20, 3, hidden=(8,))
+    iwae = make_objective("IWAE", num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    fast = FastELBO(iwae, model.model, model.guide, 1, capture=True, modules=[model],
+                    params=list(model.parameters()))
+    fast(_binary())
+    assert fast.fast is False and fast.capturing is False
+    assert fast.capture_reason == "the fast path does not apply" and not fast._graphs
+    off = FastELBO(Trace_ELBO(), model.model, model.guide, 1, enabled=False, capture=True,
+                   modules=[model], params=list(model.parameters()))
+    off(_binary())
+    assert off.capturing is False and off.capture_reason == "the fast path is off"
