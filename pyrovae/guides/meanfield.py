@@ -56,6 +56,8 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.nn.functional import softplus
 
+from pyrovae.models.base import register_module
+
 DATA_PLATE = "data"
 _instance_ids = itertools.count()
 
@@ -283,7 +285,7 @@ class MeanField(_GlobalGuide):
 
     def forward(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
         self._check_setup(*args, **kwargs)
-        pyro.module(self.pyro_name, self)
+        register_module(self.pyro_name, self)
         plates = self._create_plates()
         out = {}
         for s in self.sites:
@@ -352,7 +354,7 @@ class FullRank(_GlobalGuide):
 
     def forward(self, *args: Any, **kwargs: Any) -> Dict[str, torch.Tensor]:
         self._check_setup(*args, **kwargs)
-        pyro.module(self.pyro_name, self)
+        register_module(self.pyro_name, self)
         latent = pyro.sample(f"_{self.pyro_name}_latent", self.joint(), infer={"is_auxiliary": True})
         plates = self._create_plates()
         out = {}

@@ -112,7 +112,21 @@ class _SampleRecorder(Messenger):
 
 
 def _log_prob(site: Dict[str, Any]) -> torch.Tensor:
-    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    # A distribution made before the step (a prior kept by the model) may
+    # check its sample's support, which the first step did already; it is
+    # skipped here, as for the distributions the step makes.
+    checking = []
+    fn = site["fn"]
+    while fn is not None:
+        if getattr(fn, "_validate_args", False):
+            checking.append(fn)
+            fn._validate_args = False
+        fn = getattr(fn, "base_dist", None)
+    try:
+        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    finally:
+        for fn in checking:
+            fn._validate_args = True
     return scale_and_mask(log_p, site["scale"], site["mask"])
 
 

@@ -211,7 +211,8 @@ _SKIP_REGISTRATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def registration_skipped() -> Iterator[None]:
-    """Run model and guide programs without :meth:`LatentModel.register`.
+    """Run model and guide programs without :func:`register_module` (and so
+    without :meth:`LatentModel.register`).
 
     Registration puts a module's parameters in Pyro's parameter store, with
     ``pyro.module``'s default ``update_module_params=False``: it never changes
@@ -223,6 +224,12 @@ def registration_skipped() -> Iterator[None]:
         yield
     finally:
         _SKIP_REGISTRATION.reset(token)
+
+
+def register_module(name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module)``, except inside :func:`registration_skipped`."""
+    if not _SKIP_REGISTRATION.get():
+        pyro.module(name, module)
 
 
 class LatentModel(nn.Module):
@@ -243,8 +250,7 @@ class LatentModel(nn.Module):
         """Expose ``module``'s parameters to Pyro as ``<instance>.<part>``
         (Pyro's own ``SVI`` finds what to optimize by these ``param`` sites;
         inside :func:`registration_skipped` nothing is done)."""
-        if not _SKIP_REGISTRATION.get():
-            pyro.module(f"{self.pyro_name}.{part}", module)
+        register_module(f"{self.pyro_name}.{part}", module)
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments, so a checkpoint can rebuild the model."""

@@ -13,6 +13,7 @@ from pyrovae import VAE, FactorAnalysis, fit
 from pyrovae.infer.fastpath import FastELBO
 from pyrovae.models.conv import ConvVAE
 from pyrovae.models.ladder import LadderVAE
+from pyrovae.models.linear import BayesianFactorAnalysis
 
 
 def _binary(n=64, d=20, seed=0):
@@ -29,6 +30,9 @@ MODELS = {
     # A full-covariance guide: autograd adds the scale's gradient parts in
     # another order on the graph (the last bits differ; the loss does not).
     "factor-analysis": lambda: FactorAnalysis(20, 3),
+    # Global latents, and priors the model keeps (made before the step, with
+    # their support checks on).
+    "bayes-fa": lambda: BayesianFactorAnalysis(20, 3),
 }
 
 
@@ -51,7 +55,7 @@ def test_the_replayed_graph_gives_the_fast_paths_loss_gradients_and_buffers(name
     recorded = MODELS[name]()
     traced = copy.deepcopy(recorded)
     x = _binary(d=64) if name == "conv-vae" else _binary()
-    if name in ("vae-gaussian", "factor-analysis"):
+    if name in ("vae-gaussian", "factor-analysis", "bayes-fa"):
         x = torch.randn(64, 20, generator=torch.Generator().manual_seed(1))
     on = FastELBO(objective(), recorded.model, recorded.guide, 1, capture=True,
                   modules=[recorded], params=list(recorded.parameters()))
@@ -66,7 +70,7 @@ def test_the_replayed_graph_gives_the_fast_paths_loss_gradients_and_buffers(name
     for (loss_a, grads_a, bufs_a), (loss_b, grads_b, bufs_b) in zip(got, want):
         assert torch.equal(loss_a, loss_b)
         for a, b in zip(grads_a, grads_b):
-            if name == "factor-analysis":
+            if name in ("factor-analysis", "bayes-fa"):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             else:
                 assert (a is None and b is None) or torch.equal(a, b)
