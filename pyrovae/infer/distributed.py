@@ -70,10 +70,11 @@ from tqdm.auto import tqdm
 
 from pyrovae.data.core import ArrayDataset
 from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitState, schedule_factor
-from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX, OPTIMIZERS,
+from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX,
                                OVERFLOW_FIX, PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult,
                                TrainingDiverged, check_world_size, diverged, exploding,
-                               load_checkpoint, load_weights, save_checkpoint, step_problem)
+                               load_checkpoint, load_weights, make_optimizer, save_checkpoint,
+                               step_problem)
 from pyrovae.infer.fastpath import FastELBO
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
@@ -361,7 +362,7 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                            enabled=config.fast_path, capture=config.capture, modules=modules,
                            params=params)
         loss_module = ObjectiveModule(modules, objective, model_fn, guide_fn, loss_fn)
-        optim = OPTIMIZERS[config.optimizer](params, lr=config.lr)
+        optim = make_optimizer(config.optimizer, params, config.lr)
         # The global batch's loss over this rank's share: DDP averages the gradients
         # of the scaled losses into the gradient of the global batch's loss.
         scale = (num_data or config.batch_size) / (num_data or config.batch_size // world)

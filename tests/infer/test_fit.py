@@ -8,7 +8,7 @@ import torch
 from torch.distributions import constraints
 
 from pyrovae import VAE, FitConfig, evaluate, fit, load_dataset
-from pyrovae.infer.fit import load_checkpoint
+from pyrovae.infer.fit import OPTIMIZERS, load_checkpoint
 from pyrovae.infer.objectives import ELBOS
 
 
@@ -148,3 +148,27 @@ def test_clear_errors():
         fit(VAE(4, z_dim=2, likelihood="gaussian"), torch.rand(20, 5), progress=False)
     with pytest.raises(TypeError, match="guide"):
         fit(lambda x: None, x)
+
+
+def test_optimizers_update_many_tensors_at_once_and_the_same_way():
+    from pyrovae.infer.fit import make_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    for name, batched in (("adam", "fused"), ("adamw", "fused"), ("sgd", "fused"),
+                          ("rmsprop", "foreach")):
+        a = [p.detach().clone().requires_grad_() for p in params]
+        b = [p.detach().clone().requires_grad_() for p in params]
+        fast, loop = make_optimizer(name, a, 0.1), OPTIMIZERS[name](b, lr=0.1)
+        assert fast.param_groups[0][batched] is True, name
+        for step in range(3):
+            grads = [torch.randn_like(p) for p in params]
+            for p, q, g in zip(a, b, grads):
+                p.grad, q.grad = g.clone(), g.clone()
+            fast.step()
+            loop.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    # Tensors torch has no fused kernel for keep the one-at-a-time update.
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    assert not make_optimizer("adam", [complex_param], 0.1).param_groups[0]["fused"]
