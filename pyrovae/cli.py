@@ -161,6 +161,10 @@ def _add_train(sub) -> None:
                    help="learning rate (default: %(default)s)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"],
                    help="optimizer (default: %(default)s)")
+    p.add_argument("--optimizer-opt", dest="optimizer_options", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="optimizer option (JSON value), repeatable: e.g. eps=1e-4 or "
+                        "betas=[0.9,0.999] for Adam, momentum=0.9 for SGD")
     p.add_argument("--elbo-opt", dest="elbo_options", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="objective option (JSON value), repeatable: e.g. beta=4 and "
@@ -247,6 +251,9 @@ def build_spec(args: argparse.Namespace):
     elbo_options = _parse_set(args.elbo_options)
     if elbo_options:
         fit["elbo_options"] = elbo_options
+    optimizer_options = _parse_set(args.optimizer_options)
+    if optimizer_options:
+        fit["optimizer_options"] = optimizer_options
     for key in ("lr_schedule", "early_stopping", "clip_grad", "devices", "num_nodes",
                 "strategy", "accelerator"):
         if getattr(args, key) is not None:

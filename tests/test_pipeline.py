@@ -369,3 +369,11 @@ def test_no_capture_reaches_fit_and_capture_is_the_default():
     spec = build_spec(build_parser().parse_args(argv + ["--no-capture"]))
     assert spec.fit["capture"] is False
     assert FitConfig(**spec.fit).capture is False and FitConfig().capture is True
+
+
+def test_optimizer_options_from_the_command_line():
+    argv = ["train", "vae", "--dataset", "digits", "--out", "unused", "--optimizer-opt",
+            "eps=1e-4", "--optimizer-opt", "betas=[0.8,0.99]"]
+    spec = build_spec(build_parser().parse_args(argv))
+    assert spec.fit["optimizer_options"] == {"eps": 1e-4, "betas": [0.8, 0.99]}
+    assert FitConfig(**spec.fit).optimizer_options["eps"] == 1e-4

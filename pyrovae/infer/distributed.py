@@ -362,7 +362,7 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                            enabled=config.fast_path, capture=config.capture, modules=modules,
                            params=params)
         loss_module = ObjectiveModule(modules, objective, model_fn, guide_fn, loss_fn)
-        optim = make_optimizer(config.optimizer, params, config.lr)
+        optim = make_optimizer(config.optimizer, params, config.lr, config.optimizer_options)
         # The global batch's loss over this rank's share: DDP averages the gradients
         # of the scaled losses into the gradient of the global batch's loss.
         scale = (num_data or config.batch_size) / (num_data or config.batch_size // world)

@@ -18,6 +18,7 @@ make them reproducible too, as ``pyrovae train`` and suite cells do.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import sys
 import time
@@ -54,19 +55,36 @@ OPTIMIZERS = {
 _BATCHED_UPDATE = {"adam": "fused", "adamw": "fused", "sgd": "fused", "rmsprop": "foreach"}
 
 
-def make_optimizer(name: str, params: List[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """``OPTIMIZERS[name]`` on ``params``, with torch's fused (or multi-tensor)
+#: Constructor arguments pyrovae sets itself (``lr`` has its own field).
+_OWN_OPTIMIZER_ARGS = ("params", "lr", "fused", "foreach", "capturable", "differentiable",
+                       "maximize")
+
+
+def optimizer_option_names(name: str) -> List[str]:
+    """The options ``optimizer_options`` may set for optimizer ``name``
+    (for Adam: betas, eps, weight_decay, amsgrad)."""
+    return [p for p in inspect.signature(OPTIMIZERS[name]).parameters
+            if p not in _OWN_OPTIMIZER_ARGS]
+
+
+def make_optimizer(name: str, params: List[torch.Tensor], lr: float,
+                   options: Optional[Dict[str, Any]] = None) -> torch.optim.Optimizer:
+    """``OPTIMIZERS[name]`` on ``params`` with ``options`` (``eps``, ``betas``,
+    ``weight_decay``, ``momentum``, ...), in torch's fused (or multi-tensor)
     implementation where every parameter is a floating-point tensor on a CPU
     or CUDA device. The update is the optimizer's, the same rule computed in
     fewer kernels (the last bits may differ from the one-tensor-at-a-time
     loop); a checkpoint keeps the choice, so a resumed run computes as the
     run it continues."""
     cls = OPTIMIZERS[name]
+    options = dict(options or {})
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
     batched = _BATCHED_UPDATE.get(name)
     if batched and params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                   for p in params):
-        return cls(params, lr=lr, **{batched: True})
-    return cls(params, lr=lr)
+        options[batched] = True
+    return cls(params, lr=lr, **options)
 
 
 HISTORY_COLUMNS = [
@@ -111,6 +129,9 @@ class FitConfig:
     # > 1 and the programs allow it, see pyrovae.infer.objectives).
     vectorize_particles: Optional[bool] = None
     elbo_options: Dict[str, Any] = field(default_factory=dict)  # extra objective kwargs
+    # Extra optimizer arguments: eps, betas, weight_decay, amsgrad (Adam, AdamW),
+    # momentum, nesterov (SGD), alpha, centered (RMSprop).
+    optimizer_options: Dict[str, Any] = field(default_factory=dict)
     epochs: int = 10  # passes over the training set
     max_steps: Optional[int] = None  # stop early after this many steps in total
     max_seconds: Optional[float] = None  # stop once training time passes this (wall-clock budget)
@@ -191,10 +212,31 @@ class FitConfig:
             raise ValueError(f"FitConfig: batch_size {self.batch_size} is the global batch and "
                              f"must divide evenly over devices x num_nodes = {world} processes")
         schedule_factor(self.lr_schedule, 0, max(self.epochs, 1))  # raises for a bad name
+        if not isinstance(self.optimizer_options, dict):
+            raise ValueError("FitConfig: optimizer_options must be a mapping such as "
+                             "{'eps': 1e-4}")
+        if "lr" in self.optimizer_options:
+            raise ValueError("FitConfig: the learning rate is lr (--lr), not an optimizer option")
+        betas = self.optimizer_options.get("betas", (0.9, 0.999))
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+            raise ValueError(f"FitConfig: optimizer option betas must be two numbers such as "
+                             f"[0.9, 0.999], got {betas!r}")
+        unknown = sorted(set(self.optimizer_options) - set(optimizer_option_names(self.optimizer)))
+        if unknown:
+            raise ValueError(f"FitConfig: optimizer {self.optimizer} takes no option "
+                             f"{', '.join(unknown)}; it takes "
+                             f"{', '.join(optimizer_option_names(self.optimizer))}")
+        try:  # the values, checked by the optimizer itself on a stand-in tensor
+            make_optimizer(self.optimizer, [torch.zeros(1, requires_grad=True)], self.lr,
+                           self.optimizer_options)
+        except (ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"FitConfig: optimizer_options {self.optimizer_options}: "
+                             f"{_first_line(err)}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["elbo_options"] = dict(self.elbo_options)
+        d["optimizer_options"] = dict(self.optimizer_options)
         if not isinstance(d["elbo"], str):
             d["elbo"] = type(self.elbo).__name__
         return d
@@ -550,7 +592,7 @@ def fit(
         loss_fn = FastELBO(objective, model_fn, guide_fn, program.max_plate_nesting,
                            enabled=config.fast_path, capture=config.capture,
                            modules=[module] if module is not None else [], params=params)
-        optim = make_optimizer(config.optimizer, params, config.lr)
+        optim = make_optimizer(config.optimizer, params, config.lr, config.optimizer_options)
         optim.zero_grad(set_to_none=True)  # no stale gradients from earlier calls
         history: List[Dict[str, Any]] = []
         epoch, step, seconds = 0, 0, 0.0

@@ -98,6 +98,7 @@ def test_burda2016_suite_loads():
     for cell in cells:
         assert cell.device == "cuda" and cell.budget == {"epochs": 3280}
         assert cell.fit_options["batch_size"] == 20 and cell.fit_options["lr"] == 1e-3
+        assert cell.fit_options["optimizer_options"] == {"eps": 1e-4}  # the paper's Adam
         assert cell.dataset_options.get("binarize") == "dynamic"
     # The schedule: the paper's eight rates, 1e-3 * 10^(-i/7), over 3,280 epochs.
     schedule = cells[0].fit_options["lr_schedule"]

@@ -172,3 +172,20 @@ def test_optimizers_update_many_tensors_at_once_and_the_same_way():
     # Tensors torch has no fused kernel for keep the one-at-a-time update.
     complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
     assert not make_optimizer("adam", [complex_param], 0.1).param_groups[0]["fused"]
+
+
+def test_optimizer_options_reach_the_optimizer_and_bad_ones_are_refused(tmp_path):
+    from pyrovae.infer.fit import FitConfig
+
+    x = (torch.rand(64, 10, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    fit(VAE(10, 2, hidden=(8,)), x, epochs=1, batch_size=32, progress=False, eval_every=0,
+        optimizer_options={"eps": 1e-4, "betas": [0.8, 0.99]}, checkpoint_dir=str(tmp_path))
+    group = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]
+    assert group["eps"] == 1e-4 and tuple(group["betas"]) == (0.8, 0.99)
+    assert FitConfig(optimizer="sgd", optimizer_options={"momentum": 0.9}).optimizer_options
+    for bad, said in (({"epsilon": 1e-4}, "takes no option epsilon; it takes betas, eps"),
+                      ({"lr": 0.1}, "the learning rate is lr"),
+                      ({"betas": 0.9}, "betas must be two numbers"),
+                      ({"eps": -1.0}, "Invalid epsilon value")):
+        with pytest.raises(ValueError, match=said):
+            FitConfig(optimizer_options=bad)
