@@ -73,8 +73,8 @@ from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitSta
 from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX,
                                OVERFLOW_FIX, PARALLEL_ENGINES, RESUME_KEYS, FitConfig, FitResult,
                                TrainingDiverged, check_world_size, diverged, exploding,
-                               load_checkpoint, load_weights, make_optimizer, save_checkpoint,
-                               step_problem)
+                               load_checkpoint, load_weights, make_optimizer, optimizer_settings,
+                               save_checkpoint, step_problem)
 from pyrovae.infer.fastpath import FastELBO
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
@@ -377,8 +377,9 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                 if module is not None:
                     load_weights(module, state["model_state"], ckpt_path)
                 optim.load_state_dict(state["optimizer"])
-                for group in optim.param_groups:
+                for group in optim.param_groups:  # the configured rate and options apply
                     group["lr"] = config.lr
+                    group.update(optimizer_settings(config.optimizer_options))
                 epoch, step, seconds = state["epoch"], state["step"], state["seconds"]
                 history = [{"lr": float("nan"), "skipped": 0,
                             **dict(zip(state["history"]["columns"], row))}

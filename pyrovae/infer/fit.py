@@ -67,6 +67,14 @@ def optimizer_option_names(name: str) -> List[str]:
             if p not in _OWN_OPTIMIZER_ARGS]
 
 
+def optimizer_settings(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``optimizer_options`` as the optimizer keeps them (``betas`` a tuple)."""
+    settings = dict(options or {})
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    return settings
+
+
 def make_optimizer(name: str, params: List[torch.Tensor], lr: float,
                    options: Optional[Dict[str, Any]] = None) -> torch.optim.Optimizer:
     """``OPTIMIZERS[name]`` on ``params`` with ``options`` (``eps``, ``betas``,
@@ -77,9 +85,7 @@ def make_optimizer(name: str, params: List[torch.Tensor], lr: float,
     loop); a checkpoint keeps the choice, so a resumed run computes as the
     run it continues."""
     cls = OPTIMIZERS[name]
-    options = dict(options or {})
-    if "betas" in options:
-        options["betas"] = tuple(options["betas"])
+    options = optimizer_settings(options)
     batched = _BATCHED_UPDATE.get(name)
     if batched and params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                   for p in params):
@@ -514,8 +520,8 @@ def fit(
             :mod:`pyrovae.infer.callbacks` (loggers, your own monitors).
 
     On resume the optimizer state is restored and then the configured
-    learning rate applied, so a lowered ``lr`` takes effect; ``history``
-    records the rate of every epoch.
+    learning rate and ``optimizer_options`` applied, so a lowered ``lr`` takes
+    effect; ``history`` records the rate of every epoch.
 
     Raises :class:`TrainingDiverged` when the loss or a gradient becomes NaN
     or infinite (unless ``skip_nonfinite``), naming the step and epoch; the
@@ -610,8 +616,9 @@ def fit(
                 if name in store_only:
                     store_only[name].data.copy_(value)
             optim.load_state_dict(state["optimizer"])
-            for group in optim.param_groups:
+            for group in optim.param_groups:  # the configured rate and options apply
                 group["lr"] = config.lr
+                group.update(optimizer_settings(config.optimizer_options))
             epoch, step, seconds = state["epoch"], state["step"], state["seconds"]
             history = [{"lr": float("nan"), "skipped": 0,
                         **dict(zip(state["history"]["columns"], row))}

@@ -182,6 +182,11 @@ def test_optimizer_options_reach_the_optimizer_and_bad_ones_are_refused(tmp_path
         optimizer_options={"eps": 1e-4, "betas": [0.8, 0.99]}, checkpoint_dir=str(tmp_path))
     group = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]
     assert group["eps"] == 1e-4 and tuple(group["betas"]) == (0.8, 0.99)
+    # Resumed with other options, as with another lr: the configured ones apply.
+    fit(VAE(10, 2, hidden=(8,)), x, epochs=2, batch_size=32, progress=False, eval_every=0,
+        optimizer_options={"eps": 1e-3}, checkpoint_dir=str(tmp_path), resume=True)
+    group = load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][0]
+    assert group["eps"] == 1e-3 and tuple(group["betas"]) == (0.8, 0.99)
     assert FitConfig(optimizer="sgd", optimizer_options={"momentum": 0.9}).optimizer_options
     for bad, said in (({"epsilon": 1e-4}, "takes no option epsilon; it takes betas, eps"),
                       ({"lr": 0.1}, "the learning rate is lr"),
