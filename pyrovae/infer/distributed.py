@@ -77,8 +77,8 @@ from pyrovae.infer.fit import (CHECKPOINT_FORMAT, HISTORY_COLUMNS, NONFINITE_FIX
                                save_checkpoint, step_problem)
 from pyrovae.infer.fastpath import FastELBO
 from pyrovae.infer.objectives import make_objective
-from pyrovae.infer.program import (describe_error, module_of, resolve, split_programs,
-                                   without_trace_shapes)
+from pyrovae.infer.program import (describe_error, first_line, module_of, resolve,
+                                   split_programs, without_trace_shapes)
 from pyrovae.models.base import default_elbo
 from pyrovae.seeding import derive_seed, seeded
 from pyrovae.version import __version__
@@ -91,10 +91,6 @@ STRATEGY_HINT = "ddp, ddp_spawn, ddp_fork, ddp_notebook or ddp_find_unused_param
 # Fabric's child processes (NODE_RANK, LOCAL_RANK), SLURM's srun (SLURM_PROCID).
 _RANK_VARIABLES = ("RANK", "NODE_RANK", "LOCAL_RANK")
 
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _finite_gradients(params: List[torch.Tensor]) -> bool:
@@ -236,7 +232,7 @@ def _make_fabric(config: FitConfig) -> Any:
         raise ValueError(
             f"Lightning Fabric cannot run accelerator={config.accelerator!r}, "
             f"devices={config.devices}, num_nodes={config.num_nodes}, "
-            f"strategy={config.strategy!r}: {_first_line(err)}"
+            f"strategy={config.strategy!r}: {first_line(err)}"
         ) from None
     if not isinstance(fabric.strategy, DDPStrategy):
         raise ValueError(f"strategy {config.strategy!r} is not data-parallel in the way pyrovae "
@@ -558,7 +554,7 @@ def _fit_rank(fabric: Any, model: Any, train: ArrayDataset, test: Optional[Array
                     raise failed
                 if outcome[1] == "TrainingDiverged":
                     raise TrainingDiverged(outcome[2], frame())
-                raise RuntimeError(f"rank 0 stopped with {outcome[1]}: {_first_line(outcome[2])}")
+                raise RuntimeError(f"rank 0 stopped with {outcome[1]}: {first_line(outcome[2])}")
             _, row, fit_state.stop, fit_state.stop_reason = outcome
             fit_state.row, seconds = row, row["seconds"]
             history.append(row)

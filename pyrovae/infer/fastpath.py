@@ -80,6 +80,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
+from pyrovae.infer.program import first_line
 from pyrovae.models.base import registration_skipped
 
 #: Objectives the fast path reproduces, by exact class (subclasses override hooks).
@@ -139,10 +140,6 @@ def _structure(sites: Sites) -> Tuple[Tuple[str, bool], ...]:
 def _devices(x: torch.Tensor) -> List[int]:
     return [x.device.index or 0] if x.is_cuda else []
 
-
-def _first_line(err: BaseException, limit: int = 160) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Holder(nn.Module):
@@ -366,7 +363,7 @@ class FastELBO:
                     [t.detach() for t in holder.tensors], x)
         except Exception as err:  # noqa: BLE001  (any program it cannot record keeps the fast path)
             self.capturing = False
-            self.capture_reason = f"the program cannot be recorded: {_first_line(err)}"
+            self.capture_reason = f"the program cannot be recorded: {first_line(err)}"
             return None
         module.graph.eliminate_dead_code()
         module.recompile()

@@ -37,8 +37,8 @@ from pyrovae.files import atomic_path
 from pyrovae.infer.callbacks import Callbacks, EarlyStopping, EpochLines, FitState, schedule_factor
 from pyrovae.infer.fastpath import FastELBO
 from pyrovae.infer.objectives import make_objective
-from pyrovae.infer.program import (data_placement, describe_error, module_of, resolve,
-                                   without_trace_shapes)
+from pyrovae.infer.program import (data_placement, describe_error, first_line, module_of,
+                                   resolve, without_trace_shapes)
 from pyrovae.models.base import capability
 from pyrovae.seeding import derive_seed, seeded
 
@@ -237,7 +237,7 @@ class FitConfig:
                            self.optimizer_options)
         except (ValueError, TypeError, IndexError) as err:
             raise ValueError(f"FitConfig: optimizer_options {self.optimizer_options}: "
-                             f"{_first_line(err)}") from None
+                             f"{first_line(err)}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -265,11 +265,6 @@ class FitResult:
     def final(self) -> pd.Series:
         return self.history.iloc[-1]
 
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of an error message, at most ``limit`` characters."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def diverged(what: str, step: int, epoch: int, ckpt_path: Optional[Path], lr: float,

@@ -67,6 +67,12 @@ def without_trace_shapes(err: BaseException) -> BaseException:
     return err
 
 
+def first_line(err: Any, limit: int = 200) -> str:
+    """The first line of an error (or message), at most ``limit`` characters."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe_error(err: BaseException) -> str:
     """An error met while running the programs, in a few words: torch's check
     of a distribution's parameters as "the scale of a Normal is out of its
@@ -75,8 +81,7 @@ def describe_error(err: BaseException) -> str:
     found = re.match(r"Expected parameter (\w+) .*?of distribution (\w+)", text, re.S)
     if found:
         return f"the {found[1]} of a {found[2]} is out of its range (NaN, inf or not positive)"
-    first = text.splitlines()[0] if text else type(err).__name__
-    return first if len(first) <= 200 else first[:197] + "..."
+    return first_line(text) if text else type(err).__name__
 
 
 def module_of(obj: Any) -> Optional[nn.Module]:
